@@ -143,7 +143,10 @@ def test_report_on_hand_made_sweep(sweep, tmp_path):
     # orders side by side: one accuracy table with both orders' columns
     assert "| stage | ab: trained | ab: helpful | ab: harmless | ba: trained | ba: helpful | ba: harmless |" in s
     assert "redistribution" in s
-    assert "<table" in (out / "summary.html").read_text()
+    page = (out / "summary.html").read_text()
+    assert "<table" in page
+    # self-contained: every figure embedded, no reference to a file next to it
+    assert page.count("src='data:image/png;base64,") == page.count("src=") == len(w["plots"]) > 0
 
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert any(p.startswith("heatmap_") for p in pngs) and any(p.startswith("quartiles_") for p in pngs)

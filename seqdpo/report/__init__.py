@@ -1,0 +1,27 @@
+"""Sweep report: `python -m seqdpo.report <multirun dir> [--out DIR] [--html]` (also `seqdpo-report`).
+
+Reads every job directory below the given directory (a directory holding `config.yaml`, `status.json`
+or Hydra's `.hydra/`; layout in docs/DESIGN.md) and writes to `--out` (default `<dir>/report`):
+
+    metrics.csv      one row per job x stage x objective: the job's factors (dataset, order, beta, lr,
+                     lora_r, loss, reference, seed), status, and every metric of matrix.json
+    transfer.csv     BWT / FWT / forgetting / learning per job, metric and objective
+    quartiles.csv    the quartile decomposition of every earlier objective after every later stage
+    likelihood.csv   3D-properties rows (chosen / rejected likelihood shifts vs the base)
+    diagnostics.csv  per job and stage: gradient cosines, update alignment, adapter movement, dispersion
+    jobs.csv         every job with its status and log file
+    summary.md       per dataset and setting, the orders side by side (+ summary.html with --html,
+                     self-contained: its images are embedded)
+    *.png            heatmaps, quartile bars, margin scatter, gradient cosine per layer
+
+Unfinished jobs are read as far as they got (stage_k/pairs.parquet of finished stages); failed and
+running jobs are listed with their status and log path, never fatal.
+
+Modules: jobs (reading job directories), tables, grouping (labels of settings and jobs), plots,
+doc (markdown / HTML rendering), build (the report and per-job plots), cli.
+"""
+
+from seqdpo.report.build import build_report, job_plots
+from seqdpo.report.cli import main
+
+__all__ = ["build_report", "job_plots", "main"]

@@ -1,0 +1,5 @@
+import sys
+
+from seqdpo.report.cli import main
+
+sys.exit(main())

@@ -1,0 +1,37 @@
+"""Names for groups of jobs: a setting's label naming only what varies, a job's label, file-safe slugs."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from seqdpo.report.jobs import SETTING, Job
+
+
+def slug(s: str) -> str:
+    out = re.sub(r"[^A-Za-z0-9_.=-]+", "_", s).strip("_")
+    # Long settings are cut for the file system; the hash keeps cut names of different settings apart.
+    return out if len(out) <= 120 else out[:100] + "-" + hashlib.sha256(s.encode()).hexdigest()[:10]
+
+
+def setting_label(key: tuple, jobs: list[Job]) -> str:
+    """The setting of a group of jobs, naming only the factors (and dataset options) that vary across `jobs`."""
+    parts = []
+    for name, value in zip(SETTING, key):
+        values = {j.factors[name] for j in jobs}
+        if len(values) < 2:
+            continue
+        if name == "data_options":
+            split = [dict(kv.split("=", 1) for kv in (v or "").split(",") if kv) for v in values]
+            mine = dict(kv.split("=", 1) for kv in (value or "").split(",") if kv)
+            parts += [f"{k}={mine.get(k)}" for k in sorted(mine) if len({d.get(k) for d in split}) > 1]
+        else:
+            parts.append(f"{name}={value}")
+    return ", ".join(parts) or "all jobs"
+
+
+def job_label(job: Job, group: list[Job]) -> str:
+    """'order ab', or the job directory too when several jobs of that order share the setting."""
+    o = job.factors["order"]
+    same = [j for j in group if j.factors["order"] == o]
+    return f"order {o}" if len(same) == 1 else f"order {o} ({job.rel}, {job.state})"
