@@ -85,8 +85,9 @@ class LossConfig:
     components: Optional[list[str]] = None
     weights: Optional[list[float]] = None
     label_smoothing: float = 0.0  # robust, exo_pair, aot
-    beta_pos: Optional[float] = None  # flex_dpo: beta of the chosen term (None = beta)
-    beta_neg: Optional[float] = None  # flex_dpo: beta of the rejected term (None = beta)
+    beta_pos: Optional[float] = None  # flex_dpo: beta of the chosen term (None = the run's beta)
+    beta_neg: Optional[float] = None  # flex_dpo: absolute beta of the rejected term (None = beta_neg_ratio * beta_pos)
+    beta_neg_ratio: Optional[float] = None  # flex_dpo: beta_neg / beta_pos (None = 1: plain DPO)
     gamma: float = 0.1  # sft_dpo: weight of the chosen NLL
     spo_lambda: float = 1.0  # spo: weight of the penalty on the chosen log-prob falling below the reference
     discopop_tau: float = 0.05

@@ -20,7 +20,8 @@ their mean is meaningful.
 Seed-paper losses (not in TRL):
 - `dpo`: plain sigmoid DPO (Rafailov et al. 2023); same function as TRL's `sigmoid`.
 - `flex_dpo` (3D-properties paper, Yan et al. ICLR 2025, Sec. 3.3): separate beta for the chosen and
-  rejected log-ratios, -log sigma(beta_pos lr+ - beta_neg lr-).
+  rejected log-ratios, -log sigma(beta_pos lr+ - beta_neg lr-); beta_pos = the run's beta and
+  beta_neg = beta_neg_ratio * beta_pos unless set.
 - `sft_dpo` (3D-properties paper, Eq. 7): -log sigma(beta delta) - gamma * pc, where pc is the
   *sequence* log-prob (a sum over tokens). This is not TRL's `sigmoid`+`sft` (RPO): TRL's sft term is
   a token mean, so the same gamma weighs the NLL about |y+| times less there. The sequence sum is what
@@ -191,14 +192,21 @@ def sigmoid_norm(lp: PairLogps, cfg: LossConfig, beta: float) -> Tensor:
     return -F.logsigmoid(beta * _len_normalised_delta(lp))
 
 
-def flex_dpo(lp: PairLogps, cfg: LossConfig, beta: float) -> Tensor:
-    """Flex-DPO (3D-properties, Yan et al. 2025, Sec. 3.3): -log sigma(beta_pos lr+ - beta_neg lr-); None = beta.
+def flex_betas(cfg: LossConfig, beta: float) -> tuple[float, float]:
+    """(beta_pos, beta_neg) of Flex-DPO: beta_pos defaults to the run's beta and beta_neg to a ratio of it, so
+    `loss=flex_dpo` against `loss=dpo` at one beta differs only in the damping of the rejected term."""
+    beta_pos = beta if cfg.beta_pos is None else cfg.beta_pos
+    ratio = 1.0 if cfg.beta_neg_ratio is None else cfg.beta_neg_ratio
+    return beta_pos, (ratio * beta_pos if cfg.beta_neg is None else cfg.beta_neg)
 
-    The paper uses beta_pos = 0.1, beta_neg = 0.08 (poems) to damp the rejected gradient.
+
+def flex_dpo(lp: PairLogps, cfg: LossConfig, beta: float) -> Tensor:
+    """Flex-DPO (3D-properties, Yan et al. 2025, Sec. 3.3): -log sigma(beta_pos lr+ - beta_neg lr-).
+
+    The paper uses beta_pos = 0.1, beta_neg = 0.08 (poems), a ratio of 0.8, to damp the rejected gradient.
     """
     chosen, rejected = _logratios(lp)
-    beta_pos = beta if cfg.beta_pos is None else cfg.beta_pos
-    beta_neg = beta if cfg.beta_neg is None else cfg.beta_neg
+    beta_pos, beta_neg = flex_betas(cfg, beta)
     return -F.logsigmoid(beta_pos * chosen - beta_neg * rejected)
 
 
@@ -301,7 +309,7 @@ LOSSES: dict[str, LossSpec] = {
         "sigmoid_norm",
     ),
     "flex_dpo": LossSpec(
-        flex_dpo, "-log sigma(beta_pos lr+ - beta_neg lr-)", _3D_PAPER, ("beta_pos", "beta_neg")
+        flex_dpo, "-log sigma(beta_pos lr+ - beta_neg lr-)", _3D_PAPER, ("beta_pos", "beta_neg", "beta_neg_ratio")
     ),
     "sft_dpo": LossSpec(sft_dpo, "-log sigma(beta delta) - gamma pc (sequence NLL)", _3D_PAPER + ", Eq. 7", ("gamma",)),
     "spo": LossSpec(
@@ -356,12 +364,18 @@ def check_loss_config(cfg: LossConfig, beta: float) -> None:
         raise ConfigError("loss.label_smoothing", f"must lie in [0, 0.5), got {eps}")
     if "exo_pair" in used and eps == 0.0:
         raise ConfigError("loss.label_smoothing", "exo_pair needs label_smoothing > 0 (log eps); EXO uses 1e-3")
-    for key in ("beta_pos", "beta_neg"):
+    for key in ("beta_pos", "beta_neg", "beta_neg_ratio"):
         value = getattr(cfg, key)
         if value is not None and "flex_dpo" not in used:
             raise ConfigError(f"loss.{key}", f"= {value}, but only flex_dpo reads it (losses: {sorted(used)})")
         if value is not None and not value > 0:
             raise ConfigError(f"loss.{key}", f"must be > 0, got {value}")
+    if cfg.beta_neg is not None and cfg.beta_neg_ratio is not None:
+        raise ConfigError(
+            "loss.beta_neg",
+            f"= {cfg.beta_neg} and loss.beta_neg_ratio = {cfg.beta_neg_ratio} both set the rejected beta; "
+            "keep one (loss.beta_neg_ratio=null for an absolute beta_neg)",
+        )
     if not cfg.discopop_tau > 0:
         raise ConfigError("loss.discopop_tau", f"must be > 0, got {cfg.discopop_tau}")
     if cfg.gamma < 0:

@@ -116,6 +116,6 @@ def test_synthetic_grid_options_build():
 
 def test_loss_ablation_keeps_each_loss_file():
     run, _ = compose_run(["experiment=loss_ablation", "loss=flex_dpo"])
-    assert (run.loss.beta_pos, run.loss.beta_neg) == (0.1, 0.08)
+    assert (run.loss.beta_pos, run.loss.beta_neg, run.loss.beta_neg_ratio) == (None, None, 0.8)
     run, _ = compose_run(["experiment=loss_ablation", "loss=rpo"])
     assert run.loss.components == ["dpo", "sft"]

@@ -233,6 +233,21 @@ def test_flex_dpo_with_equal_betas_is_dpo():
     torch.testing.assert_close(LOSSES["flex_dpo"].fn(lp, LossConfig(name="flex_dpo"), 0.3), flex)
 
 
+@pytest.mark.parametrize("beta", [0.1, 0.3])
+def test_composed_flex_dpo_takes_the_runs_beta_and_is_dpo_without_damping(beta):
+    from conftest import run_config
+
+    from seqdpo.losses import flex_betas
+
+    lp = random_logps(5)
+    flex = run_config(["loss=flex_dpo", f"beta={beta}"])
+    assert flex_betas(flex.loss, flex.beta) == pytest.approx((beta, 0.8 * beta))  # the paper's 0.08 / 0.1
+    undamped = run_config(["loss=flex_dpo", f"beta={beta}", "loss.beta_neg_ratio=1.0"])
+    dpo = run_config(["loss=dpo", f"beta={beta}"])
+    torch.testing.assert_close(compute_loss(lp, undamped.loss, beta), compute_loss(lp, dpo.loss, beta))
+    assert compute_loss(lp, flex.loss, beta).item() != pytest.approx(compute_loss(lp, dpo.loss, beta).item())
+
+
 def test_flex_dpo_small_beta_neg_damps_rejected_gradient():
     grads = []
     for beta_neg in (0.1, 0.02):
@@ -301,6 +316,9 @@ def test_unknown_name_lists_known():
         (dict(name="dpo", beta_pos=0.1), "loss.beta_pos"),
         (dict(name="sft_dpo", beta_neg=0.1), "loss.beta_neg"),
         (dict(name="flex_dpo", beta_neg=0.0), "loss.beta_neg"),
+        (dict(name="dpo", beta_neg_ratio=0.8), "loss.beta_neg_ratio"),
+        (dict(name="flex_dpo", beta_neg_ratio=0.0), "loss.beta_neg_ratio"),
+        (dict(name="flex_dpo", beta_neg=0.08, beta_neg_ratio=0.8), "loss.beta_neg"),
         (dict(name="discopop", discopop_tau=0.0), "loss.discopop_tau"),
         (dict(name="sft_dpo", gamma=-1.0), "loss.gamma"),
         (dict(name="spo", spo_lambda=-1.0), "loss.spo_lambda"),
