@@ -112,6 +112,7 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = 16
     tie_tolerance: float = 1e-6  # |margin| at or below this counts as a tie (accuracy 0.5)
+    bootstrap: int = 1000  # paired bootstrap replicates for 95% intervals and verdicts (0 = none); seeded by `seed`
 
 
 @dataclass
@@ -209,6 +210,8 @@ def validate(cfg: RunConfig) -> None:
     for key, value in (("beta", cfg.beta), ("lr", cfg.lr), ("train.batch_size", cfg.train.batch_size)):
         if not value > 0:
             raise ConfigError(key, f"must be > 0, got {value}")
+    if cfg.eval.bootstrap < 0:
+        raise ConfigError("eval.bootstrap", f"must be >= 0 (0 = no intervals), got {cfg.eval.bootstrap}")
     if cfg.lora.r <= 0:
         raise ConfigError("lora.r", f"must be > 0, got {cfg.lora.r}")
     if "lm_head" in cfg.lora.target_modules:

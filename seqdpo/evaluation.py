@@ -11,7 +11,15 @@ import pandas as pd
 
 from seqdpo.logprobs import dataset_logps
 
-MATRIX_METRICS = ("accuracy", "margin_mean", "margin_median", "norm_margin_mean", "policy_accuracy")
+# Matrix metric -> (per-pair column, statistic over an objective's pairs); also what intervals resample.
+MATRIX_STATS = {
+    "accuracy": ("accuracy", "mean"),
+    "margin_mean": ("margin", "mean"),
+    "margin_median": ("margin", "median"),
+    "norm_margin_mean": ("norm_margin", "mean"),
+    "policy_accuracy": ("policy_accuracy", "mean"),
+}
+MATRIX_METRICS = tuple(MATRIX_STATS)
 
 
 def score(x: np.ndarray, tie_tolerance: float) -> np.ndarray:
@@ -77,13 +85,7 @@ def evaluate_stage(model, eval_sets: dict, *, stage: int, stage_objective: str, 
 def summarize(pairs: pd.DataFrame, stage_names: list[str], objectives: list[str], beta: float) -> dict:
     """The stage x objective matrix of each metric (rows: stages, columns: objectives)."""
     g = pairs.groupby(["stage", "objective"])
-    per = {
-        "accuracy": g.accuracy.mean(),
-        "margin_mean": g.margin.mean(),
-        "margin_median": g.margin.median(),
-        "norm_margin_mean": g.norm_margin.mean(),
-        "policy_accuracy": g.policy_accuracy.mean(),
-    }
+    per = {key: getattr(g[col], stat)() for key, (col, stat) in MATRIX_STATS.items()}
     metrics = {
         key: [[float(series.get((s, o), np.nan)) for o in objectives] for s in range(len(stage_names))]
         for key, series in per.items()

@@ -146,10 +146,13 @@ def _run_stages(cfg: RunConfig, out: Path, tracker) -> dict:
 
 def _write_results(cfg: RunConfig, out: Path, tracker, stage_names, objectives, refs, recorder) -> dict:
     """The job-level files (pairs.parquet, matrix.json, diagnostics.json) and their W&B counterparts."""
+    from seqdpo.analysis.intervals import job_intervals
     from seqdpo.evaluation import summarize
 
     pairs = pd.concat([pd.read_parquet(out / f"stage_{k}" / "pairs.parquet") for k in range(len(stage_names))])
     matrix = summarize(pairs, stage_names, objectives, cfg.beta)
+    matrix.update(job_intervals(pairs, matrix, n_boot=cfg.eval.bootstrap, seed=cfg.seed,
+                                stay_threshold=cfg.diagnostics.stay_threshold, tie_tolerance=cfg.eval.tie_tolerance))
     matrix["reference_forwards"] = refs.counter()
     pairs.to_parquet(out / "pairs.parquet", index=False)
     (out / "matrix.json").write_text(json.dumps(matrix, indent=1))

@@ -32,10 +32,6 @@ from seqdpo.analysis import movement as M
 from seqdpo.analysis import pairs as P
 from seqdpo.analysis import transfer as T
 
-TRANSFER_METRICS = ("accuracy", "margin_mean", "policy_accuracy", "norm_margin_mean")
-PAIR_COLUMNS = ("margin", "norm_margin")
-
-
 def pair_key(a: str, b: str) -> str:
     return f"{a}__{b}"
 
@@ -49,10 +45,10 @@ def job_analysis(
 ) -> dict[str, Any]:
     """Everything that follows from the per-pair table and the matrix alone (no model needed)."""
     stages = list(matrix["stages"])
-    out: dict[str, Any] = {"transfer": T.matrix_transfer(matrix, [m for m in TRANSFER_METRICS if m in matrix["metrics"]])}
+    out: dict[str, Any] = {"transfer": T.matrix_transfer(matrix, [m for m in T.JOB_METRICS if m in matrix["metrics"]])}
     out["quartiles"] = [
         d
-        for col in PAIR_COLUMNS
+        for col in P.DECOMPOSED_COLUMNS
         if col in pairs.columns
         for d in P.pair_decomposition(pairs, stages, col, stay_threshold, min_fraction, tie_tolerance)
     ]

@@ -24,7 +24,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from seqdpo.analysis.transfer import as_value
+
 QUARTILES = ("Q1", "Q2", "Q3", "Q4")
+DECOMPOSED_COLUMNS = ("margin", "norm_margin")  # the per-pair values job analysis decomposes
 
 
 def assign_quartiles(values: pd.Series) -> pd.Series:
@@ -35,23 +38,28 @@ def assign_quartiles(values: pd.Series) -> pd.Series:
     return pd.Series(np.array(QUARTILES)[q], index=order.index).reindex(values.index)
 
 
-def _summary(before: np.ndarray, after: np.ndarray, tau: float, tol: float) -> dict[str, Any]:
+def summarize_change(before: np.ndarray, after: np.ndarray, tau: float, tol: float) -> dict[str, Any]:
+    """Statistics of the pairs' change over the last axis; leading axes (bootstrap replicates) give arrays."""
     delta = after - before
-    n = len(delta)
+    n = delta.shape[-1]
     if n == 0:
         return {"n": 0}
     return {
         "n": int(n),
-        "before_mean": float(before.mean()),
-        "after_mean": float(after.mean()),
-        "delta_mean": float(delta.mean()),
-        "delta_median": float(np.median(delta)),
-        "frac_improved": float(np.mean(delta > tau)),
-        "frac_stayed": float(np.mean(np.abs(delta) <= tau)),
-        "frac_degraded": float(np.mean(delta < -tau)),
-        "flips_correct_to_wrong": int(np.sum((before > tol) & (after <= tol))),
-        "flips_wrong_to_correct": int(np.sum((before <= tol) & (after > tol))),
+        "before_mean": as_value(before.mean(-1)),
+        "after_mean": as_value(after.mean(-1)),
+        "delta_mean": as_value(delta.mean(-1)),
+        "delta_median": as_value(np.median(delta, -1)),
+        "frac_improved": as_value(np.mean(delta > tau, -1)),
+        "frac_stayed": as_value(np.mean(np.abs(delta) <= tau, -1)),
+        "frac_degraded": as_value(np.mean(delta < -tau, -1)),
+        "flips_correct_to_wrong": _count(np.sum((before > tol) & (after <= tol), -1)),
+        "flips_wrong_to_correct": _count(np.sum((before <= tol) & (after > tol), -1)),
     }
+
+
+def _count(x):
+    return int(x) if np.ndim(x) == 0 else x
 
 
 def quartile_decomposition(
@@ -70,8 +78,8 @@ def quartile_decomposition(
     rows = []
     for name in QUARTILES:
         sel = joined[q == name]
-        rows.append({"quartile": name, **_summary(sel["before"].to_numpy(float), sel["after"].to_numpy(float), threshold, tie_tolerance)})
-    total = _summary(joined["before"].to_numpy(float), joined["after"].to_numpy(float), threshold, tie_tolerance)
+        rows.append({"quartile": name, **summarize_change(sel["before"].to_numpy(float), sel["after"].to_numpy(float), threshold, tie_tolerance)})
+    total = summarize_change(joined["before"].to_numpy(float), joined["after"].to_numpy(float), threshold, tie_tolerance)
     flat = total.get("n", 0) > 0 and abs(total["delta_mean"]) <= threshold
     both_ways = total.get("n", 0) > 0 and total["frac_improved"] >= min_fraction and total["frac_degraded"] >= min_fraction
     q1, q4 = rows[0], rows[-1]

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 DEFAULT_METRICS = ("accuracy", "margin_mean")
+JOB_METRICS = ("accuracy", "margin_mean", "policy_accuracy", "norm_margin_mean")  # what a job's analysis covers
 
 
 def _nan_to_none(x: float) -> float | None:
@@ -44,29 +45,40 @@ def training_stages(stages: list[str], objectives: list[str]) -> dict[str, list[
     return out
 
 
+def as_value(x) -> float | np.ndarray:
+    """A float for one matrix; an array over the leading axes for a stack of bootstrap replicates."""
+    x = np.asarray(x, dtype=float)
+    return float(x) if x.ndim == 0 else x
+
+
 def transfer_metrics(R: np.ndarray, stages: list[str], objectives: list[str]) -> dict[str, Any]:
-    """All transfer metrics of one metric's matrix R (shape [T+1, M])."""
+    """All transfer metrics of one metric's matrix R (shape [T+1, M]).
+
+    R may carry leading axes ([..., T+1, M], e.g. bootstrap replicates): every number is then an array
+    over them, so intervals use these very formulas.
+    """
     R = np.asarray(R, dtype=float)
-    T = R.shape[0] - 1
-    if R.shape != (len(stages), len(objectives)):
+    T = R.shape[-2] - 1
+    if R.shape[-2:] != (len(stages), len(objectives)):
         raise ValueError(f"matrix shape {R.shape} does not match {len(stages)} stages x {len(objectives)} objectives")
     trained = training_stages(stages, objectives)
     per: dict[str, dict[str, Any]] = {}
     bwt, fwt, forget, forget_max, final = [], [], [], [], []
     for j, obj in enumerate(objectives):
         ts = trained.get(obj, [])
-        row: dict[str, Any] = {"trained_in": ts, "base": float(R[0, j]), "final": float(R[T, j])}
+        r = R[..., j]
+        row: dict[str, Any] = {"trained_in": ts, "base": as_value(r[..., 0]), "final": as_value(r[..., T])}
         # Change from the base at every stage: the trajectory the per-stage tables show.
-        row["delta_from_base"] = [float(R[t, j] - R[0, j]) for t in range(T + 1)]
+        row["delta_from_base"] = [as_value(r[..., t] - r[..., 0]) for t in range(T + 1)]
         if ts:
             first, last = ts[0], ts[-1]
-            row["after_training"] = float(R[last, j])
-            row["learning"] = float(R[last, j] - R[last - 1, j])
-            row["forward"] = float(R[first - 1, j] - R[0, j]) if first > 1 else None
+            row["after_training"] = as_value(r[..., last])
+            row["learning"] = as_value(r[..., last] - r[..., last - 1])
+            row["forward"] = as_value(r[..., first - 1] - r[..., 0]) if first > 1 else None
             if last < T:
-                row["forgetting"] = float(R[last, j] - R[T, j])
-                row["forgetting_max"] = float(np.max(R[last:T, j]) - R[T, j])
-                row["backward"] = float(R[T, j] - R[last, j])
+                row["forgetting"] = as_value(r[..., last] - r[..., T])
+                row["forgetting_max"] = as_value(np.max(r[..., last:T], axis=-1) - r[..., T])
+                row["backward"] = as_value(r[..., T] - r[..., last])
                 bwt.append(row["backward"])
                 forget.append(row["forgetting"])
                 forget_max.append(row["forgetting_max"])
@@ -74,13 +86,13 @@ def transfer_metrics(R: np.ndarray, stages: list[str], objectives: list[str]) ->
                 row["forgetting"] = row["forgetting_max"] = row["backward"] = None
             if first > 1:
                 fwt.append(row["forward"])
-            final.append(float(R[T, j]))
+            final.append(row["final"])
         else:
             # Never trained: everything it shows is transfer from the other objectives.
             row.update(after_training=None, learning=None, forgetting=None, forgetting_max=None, backward=None)
-            row["forward"] = float(R[T, j] - R[0, j])
+            row["forward"] = as_value(r[..., T] - r[..., 0])
         per[obj] = row
-    mean = lambda xs: float(np.mean(xs)) if xs else None  # noqa: E731
+    mean = lambda xs: as_value(np.mean(np.stack(xs), axis=0)) if xs else None  # noqa: E731
     return {
         "per_objective": per,
         "BWT": mean(bwt),
@@ -100,13 +112,20 @@ def matrix_transfer(matrix: dict, metrics: tuple[str, ...] | list[str] | None = 
     return {m: transfer_metrics(np.asarray(matrix["metrics"][m], dtype=float), stages, objectives) for m in names}
 
 
+AGGREGATES = ("BWT", "FWT", "forgetting", "forgetting_max", "ACC")
+PER_OBJECTIVE = ("learning", "forgetting", "forgetting_max", "forward", "backward", "final")
+
+
+def transfer_quantities(transfer: dict[str, Any]):
+    """(metric, objective, quantity, value) of a matrix_transfer() result; objective "_all" for the aggregates."""
+    for metric, t in transfer.items():
+        for key in AGGREGATES:
+            yield metric, "_all", key, t[key]
+        for obj, per in t["per_objective"].items():
+            for key in PER_OBJECTIVE:
+                yield metric, obj, key, per.get(key)
+
+
 def transfer_rows(transfer: dict[str, Any]) -> list[dict[str, Any]]:
     """Flat rows (metric, objective, quantity, value) of a matrix_transfer() result, for CSV and W&B tables."""
-    rows = []
-    for metric, t in transfer.items():
-        for key in ("BWT", "FWT", "forgetting", "forgetting_max", "ACC"):
-            rows.append({"metric": metric, "objective": "_all", "quantity": key, "value": _nan_to_none(t[key])})
-        for obj, per in t["per_objective"].items():
-            for key in ("learning", "forgetting", "forgetting_max", "forward", "backward", "final"):
-                rows.append({"metric": metric, "objective": obj, "quantity": key, "value": _nan_to_none(per.get(key))})
-    return rows
+    return [{"metric": m, "objective": o, "quantity": q, "value": _nan_to_none(v)} for m, o, q, v in transfer_quantities(transfer)]
