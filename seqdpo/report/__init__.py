@@ -9,16 +9,22 @@ or Hydra's `.hydra/`; layout in docs/DESIGN.md) and writes to `--out` (default `
     quartiles.csv    the quartile decomposition of every earlier objective after every later stage
     likelihood.csv   3D-properties rows (chosen / rejected likelihood shifts vs the base)
     diagnostics.csv  per job and stage: gradient cosines, update alignment, adapter movement, dispersion
+    verdicts.csv     per job, objective, stage and column: the change against its baseline stage and its verdict
+    seeds.csv        per setting and order: mean, sd, t-interval and pooled pair-level interval across seeds
     jobs.csv         every job with its status and log file
-    summary.md       per dataset and setting, the orders side by side (+ summary.html with --html,
-                     self-contained: its images are embedded)
-    *.png            heatmaps, quartile bars, margin scatter, gradient cosine per layer
+    summary.md       per dataset: the forgetting-by-order figure; per setting (jobs differing only by order
+                     and seed) the seeds aggregated, then per seed the orders side by side (+ summary.html
+                     with --html, self-contained: its images are embedded)
+    *.png            forgetting by order, heatmaps, quartile bars, margin scatter, gradient cosine per layer
+
+Every number carries its 95% paired bootstrap interval (seqdpo/analysis/intervals.py, recomputed from
+the pairs with the job's eval.bootstrap and seed, so unfinished and older jobs get them too).
 
 Unfinished jobs are read as far as they got (stage_k/pairs.parquet of finished stages); failed and
 running jobs are listed with their status and log path, never fatal.
 
-Modules: jobs (reading job directories), tables, grouping (labels of settings and jobs), plots,
-doc (markdown / HTML rendering), build (the report and per-job plots), cli.
+Modules: jobs (reading job directories), tables, seeds (aggregation across seeds), grouping (labels of
+settings and jobs), plots, doc (markdown / HTML rendering), build (the report and per-job plots), cli.
 """
 
 from seqdpo.report.build import build_report, job_plots

@@ -7,19 +7,30 @@ from typing import Any
 
 import pandas as pd
 
+from seqdpo.analysis.intervals import VERDICT_COLUMNS
 from seqdpo.report.doc import Doc
 from seqdpo.report.grouping import setting_label, slug
 from seqdpo.report.jobs import FACTORS, SETTING, Job, find_job_dirs, load_job
-from seqdpo.report.plots import plot_grad_cosine, plot_heatmaps, plot_quartiles, plot_scatter
+from seqdpo.report.plots import plot_forgetting_by_order, plot_grad_cosine, plot_heatmaps, plot_quartiles, plot_scatter
+from seqdpo.report.seeds import (
+    csv_frame,
+    matrix_across_seeds,
+    seed_rows,
+    several_seeds,
+    transfer_across_seeds,
+    verdicts_across_seeds,
+)
 from seqdpo.report.tables import (
     analysis_rows,
     base_row,
+    diagnostics_table,
     likelihood_side_by_side,
     matrix_side_by_side,
+    metrics_table,
     quartile_side_by_side,
     transfer_side_by_side,
-    diagnostics_table,
-    metrics_table,
+    verdicts_side_by_side,
+    verdicts_table,
 )
 
 
@@ -38,6 +49,7 @@ def build_report(root: Path, out: Path, html_too: bool = False) -> dict[str, Any
         "quartiles": analysis_rows(jobs, "quartiles"),
         "likelihood": analysis_rows(jobs, "likelihood"),
         "diagnostics": diagnostics_table(jobs),
+        "verdicts": verdicts_table(jobs),
     }
     for name, df in tables.items():
         p = out / f"{name}.csv"
@@ -59,43 +71,33 @@ def build_report(root: Path, out: Path, html_too: bool = False) -> dict[str, Any
     doc.table(jobs_df[["job", *FACTORS, "status"]] if len(jobs_df) else jobs_df)
 
     with_results = [j for j in jobs if j.matrix]
+    seed_frames = []
     for dataset in sorted({str(j.factors["dataset"]) for j in with_results}):
         doc.h(2, f"Dataset {dataset}")
+        mine = [j for j in with_results if str(j.factors["dataset"]) == dataset]
         groups: dict[tuple, list[Job]] = {}
-        for j in with_results:
-            if str(j.factors["dataset"]) == dataset:
-                groups.setdefault(tuple(j.factors[k] for k in SETTING), []).append(j)
-        for key, group in sorted(groups.items(), key=lambda kv: str(kv[0])):
-            group.sort(key=lambda j: str(j.factors["order"]))
-            setting = setting_label(key, [j for j in with_results if str(j.factors["dataset"]) == dataset])
-            doc.h(3, setting)
-            name = slug(f"{dataset}_{setting}")
-            title = f"{dataset}\n{setting}"
-            partial = [j.rel for j in group if j.state != "done"]
-            if partial:
-                doc.p("Unfinished (partial results): " + ", ".join(partial))
-            doc.h(4, "Preference accuracy (rows: after stage; columns: order: evaluated objective)")
-            doc.table(matrix_side_by_side(group, "accuracy"))
-            doc.h(4, "Mean margin")
-            doc.table(matrix_side_by_side(group, "margin_mean"))
-            doc.img(plot_heatmaps(group, title, out / f"heatmap_{name}.png"), out)
-            doc.h(4, "Transfer and forgetting (BWT < 0 = forgetting; FWT = change before training)")
-            doc.table(transfer_side_by_side(group))
-            doc.h(4, "Quartile decomposition of the first objective's pairs, by margin after its stage")
-            doc.table(quartile_side_by_side(group))
-            doc.img(plot_quartiles(group, title, out / f"quartiles_{name}.png"), out)
-            doc.img(plot_scatter(group, title, out / f"scatter_{name}.png"), out)
-            diag = diagnostics_table(group)
-            if len(diag):
-                doc.h(4, "Gradient cosine, update alignment and adapter movement per stage")
-                keep = [c for c in ("order", "stage", "stage_objective", "other_objective", "other_trained_before", "grad_cosine",
-                                    "grad_cosine_last_step", "update_cos_neg_grad", "movement_raw_norm",
-                                    "movement_effective_norm", "movement_cos_stage_1_effective", "offprompt_d_logp_tok_other")
-                        if c in diag.columns]
-                doc.table(diag[keep])
-                doc.img(plot_grad_cosine(group, title, out / f"gradcos_{name}.png"), out)
-            doc.h(4, "3D-properties: log-likelihood change vs the base (per token)")
-            doc.table(likelihood_side_by_side(group))
+        for j in mine:
+            groups.setdefault(tuple(j.factors[k] for k in SETTING), []).append(j)
+        settings = [(setting_label(key, mine), group) for key, group in sorted(groups.items(), key=lambda kv: str(kv[0]))]
+        rows = [seed_rows(group) for _, group in settings]
+        seed_frames += [csv_frame(r, label, dataset) for (label, _), r in zip(settings, rows)]
+        figure = plot_forgetting_by_order([(label if len(settings) > 1 else "", r) for (label, _), r in zip(settings, rows)],
+                                          f"{dataset}: forgetting by order", out / f"forgetting_by_order_{slug(dataset)}.png")
+        if figure is not None:
+            doc.h(3, "Which order forgets which objective more")
+            doc.p(FORGETTING_HELP)
+            doc.img(figure, out)
+        for (label, group), r in zip(settings, rows):
+            doc.h(3, label)
+            if several_seeds(group):
+                _seeds_section(doc, group, r)
+            for seed in sorted({j.factors["seed"] for j in group}, key=str):
+                sub = sorted((j for j in group if j.factors["seed"] == seed), key=lambda j: str(j.factors["order"]))
+                doc.h(4, f"seed {seed}")
+                _jobs_section(doc, sub, f"{dataset}\n{label}, seed {seed}", slug(f"{dataset}_{label}_seed={seed}"), out)
+    seeds_df = pd.concat([f for f in seed_frames if len(f)], ignore_index=True) if any(len(f) for f in seed_frames) else pd.DataFrame()
+    seeds_df.to_csv(out / "seeds.csv", index=False)
+    written["seeds_csv"] = str(out / "seeds.csv")
     written["plots"] = doc.images
     (out / "summary.md").write_text(doc.markdown())
     written["summary"] = str(out / "summary.md")
@@ -103,6 +105,61 @@ def build_report(root: Path, out: Path, html_too: bool = False) -> dict[str, Any
         (out / "summary.html").write_text(doc.html(f"seqdpo report {root}"))
         written["html"] = str(out / "summary.html")
     return written
+
+
+FORGETTING_HELP = (
+    "Per objective trained before the last stage: its forgetting, value after its own stage minus final value "
+    "(> 0 = lost). Dots: seeds; marker: their mean; thin bar: 95% t-interval across seeds (run-to-run spread); "
+    "thick bar: 95% pooled pair-level interval (eval-pair sampling only). Orders whose bars do not overlap "
+    "differ beyond both kinds of noise."
+)
+
+
+def _seeds_section(doc: Doc, group: list[Job], rows: list[dict]) -> None:
+    seeds = sorted({str(j.factors["seed"]) for j in group})
+    doc.h(4, f"Across seeds ({', '.join(seeds)}): mean, sd, 95% t-interval, pooled pair-level 95% interval")
+    doc.p("t-interval: across seeds (run-to-run); pooled: the bootstrap of the seed mean over eval pairs "
+          "(docs/metrics.md, Intervals and verdicts). Finished jobs only.")
+    doc.table(transfer_across_seeds(rows))
+    doc.h(5, "Preference accuracy, seed mean [95% t-interval]")
+    doc.table(matrix_across_seeds(rows, "accuracy"))
+    doc.h(5, "Mean margin, seed mean [95% t-interval]")
+    doc.table(matrix_across_seeds(rows, "margin_mean"))
+    for column in VERDICT_COLUMNS:
+        doc.h(5, f"Verdicts on {column}: the seed mean (pooled interval) and the split of the seeds' own verdicts")
+        doc.table(verdicts_across_seeds(group, column))
+
+
+def _jobs_section(doc: Doc, group: list[Job], title: str, name: str, out: Path) -> None:
+    """The jobs of one setting and seed, orders side by side."""
+    partial = [j.rel for j in group if j.state != "done"]
+    if partial:
+        doc.p("Unfinished (partial results): " + ", ".join(partial))
+    doc.h(5, "Preference accuracy [95% interval] (rows: after stage; columns: order: evaluated objective)")
+    doc.table(matrix_side_by_side(group, "accuracy"))
+    doc.h(5, "Mean margin [95% interval]")
+    doc.table(matrix_side_by_side(group, "margin_mean"))
+    doc.img(plot_heatmaps(group, title, out / f"heatmap_{name}.png"), out)
+    doc.h(5, "Transfer and forgetting [95% interval] (BWT < 0 = forgetting; FWT = change before training)")
+    doc.table(transfer_side_by_side(group))
+    for column in VERDICT_COLUMNS:
+        doc.h(5, f"Verdicts on {column}: change against the baseline stage [95% interval]")
+        doc.table(verdicts_side_by_side(group, column))
+    doc.h(5, "Quartile decomposition of the first objective's pairs, by margin after its stage [95% intervals]")
+    doc.table(quartile_side_by_side(group))
+    doc.img(plot_quartiles(group, title, out / f"quartiles_{name}.png"), out)
+    doc.img(plot_scatter(group, title, out / f"scatter_{name}.png"), out)
+    diag = diagnostics_table(group)
+    if len(diag):
+        doc.h(5, "Gradient cosine, update alignment and adapter movement per stage")
+        keep = [c for c in ("order", "stage", "stage_objective", "other_objective", "other_trained_before", "grad_cosine",
+                            "grad_cosine_last_step", "update_cos_neg_grad", "own_update_cos_neg_grad", "movement_raw_norm",
+                            "movement_effective_norm", "movement_cos_stage_1_effective", "offprompt_d_logp_tok_other")
+                if c in diag.columns]
+        doc.table(diag[keep])
+        doc.img(plot_grad_cosine(group, title, out / f"gradcos_{name}.png"), out)
+    doc.h(5, "3D-properties: log-likelihood change vs the base (per token)")
+    doc.table(likelihood_side_by_side(group))
 
 
 def job_plots(job_dir: Path) -> dict[str, Path]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -13,7 +14,8 @@ from seqdpo.evaluation import summarize
 # data_options: the dataset's builder options (e.g. the synthetic world's relation), so jobs that differ
 # only there land in separate groups instead of overwriting each other in one table.
 FACTORS = ("dataset", "data_options", "order", "beta", "lr", "lora_r", "loss", "reference", "seed")
-SETTING = tuple(f for f in FACTORS if f not in ("dataset", "order"))
+# Jobs of one setting differ only by order and seed: orders side by side, seeds aggregated.
+SETTING = tuple(f for f in FACTORS if f not in ("dataset", "order", "seed"))
 SKIP_DIRS = {".hydra", ".submitit", "wandb", "adapter", "adapter_init", "checkpoints", "report"}
 
 @dataclass
@@ -27,6 +29,7 @@ class Job:
     matrix: dict | None = None
     pairs: pd.DataFrame | None = None
     analysis: dict | None = None
+    boot: Any = None  # seqdpo.analysis.intervals.Bootstrap of its pairs (None: no pairs or eval.bootstrap=0)
     stage_diags: dict[int, dict] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
@@ -167,7 +170,26 @@ def load_job(job_dir: Path, root: Path) -> Job:
             )
         except Exception as e:  # noqa: BLE001
             job.problems.append(f"analysis failed: {type(e).__name__}: {e}")
+        job.boot = _bootstrap(job)
     return job
+
+
+def _bootstrap(job: Job):
+    """The job's paired bootstrap, as the runner made matrix.json's intervals (same replicates and seed);
+    recomputed here for unfinished jobs, jobs that predate intervals, and the pooling of seeds."""
+    from seqdpo.analysis.intervals import bootstrap
+
+    cfg = job.config
+    n_boot = int((cfg.get("eval") or {}).get("bootstrap", 1000))
+    if not n_boot:
+        return None
+    try:
+        return bootstrap(job.pairs, job.matrix, n_boot=n_boot, seed=int(cfg.get("seed") or 0),
+                         stay_threshold=float((cfg.get("diagnostics") or {}).get("stay_threshold", 0.1)),
+                         tie_tolerance=float((cfg.get("eval") or {}).get("tie_tolerance", 0.0)))
+    except Exception as e:  # noqa: BLE001 - one broken job must not stop the report
+        job.problems.append(f"intervals failed: {type(e).__name__}: {e}")
+        return None
 
 
 # ------------------------------------------------------------------------------------------- tables

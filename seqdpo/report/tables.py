@@ -3,6 +3,7 @@ per-setting tables that put the orders side by side."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pandas as pd
@@ -10,9 +11,32 @@ import pandas as pd
 from seqdpo.evaluation import MATRIX_METRICS
 from seqdpo.report.jobs import Job
 
+QUARTILE_STATS = ("frac_improved", "frac_stayed", "frac_degraded", "delta_mean")
+
 
 def base_row(job: Job) -> dict:
     return {"job": job.rel, **job.factors, "status": job.state}
+
+
+def interval(boot, key: tuple) -> tuple[Any, Any]:
+    """(low, high) of a statistic's 95% interval, (None, None) when the job has no replicates of it."""
+    if boot is None or key not in boot.reps:
+        return None, None
+    lo, hi = boot.interval(key)
+    return float(lo), float(hi)
+
+
+def bounds(lo, hi) -> str:
+    """'[low, high]' (3 significant digits), '' without an interval."""
+    return "" if lo is None else estimate(None, lo, hi).strip()
+
+
+def estimate(value, lo, hi) -> str:
+    """'value [low, high]' for the summary's tables (3 significant digits)."""
+    def f(x):
+        return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
+
+    return f(value) if lo is None else f"{f(value)} [{f(lo)}, {f(hi)}]"
 
 
 def metrics_table(jobs: list[Job]) -> pd.DataFrame:
@@ -21,6 +45,7 @@ def metrics_table(jobs: list[Job]) -> pd.DataFrame:
         m = job.matrix
         if not m:
             continue
+        cells = {k: job.boot.interval(("matrix", k)) for k in MATRIX_METRICS if job.boot is not None and ("matrix", k) in job.boot.reps}
         for t, stage_obj in enumerate(m["stages"]):
             for j, obj in enumerate(m["objectives"]):
                 row = {**base_row(job), "stage": t, "stage_objective": stage_obj, "objective": obj,
@@ -28,6 +53,8 @@ def metrics_table(jobs: list[Job]) -> pd.DataFrame:
                 for k in MATRIX_METRICS:
                     if k in m["metrics"] and t < len(m["metrics"][k]):
                         row[k] = m["metrics"][k][t][j]
+                        if job.boot is not None and ("matrix", k) in job.boot.reps:
+                            row[f"{k}_lo"], row[f"{k}_hi"] = cells[k][t][j]
                 rows.append(row)
     return pd.DataFrame(rows)
 
@@ -40,9 +67,14 @@ def analysis_rows(jobs: list[Job], key: str) -> pd.DataFrame:
     for job in jobs:
         a = job.analysis or {}
         if key == "transfer" and "transfer" in a:
-            rows += [{**base_row(job), **r} for r in transfer_rows(a["transfer"])]
+            for r in transfer_rows(a["transfer"]):
+                lo, hi = interval(job.boot, ("transfer", r["metric"], r["objective"], r["quantity"]))
+                rows.append({**base_row(job), **r, "lo": lo, "hi": hi})
         elif key == "quartiles" and a.get("quartiles"):
-            rows += [{**base_row(job), **r} for r in decomposition_rows(a["quartiles"])]
+            for r in decomposition_rows(a["quartiles"]):
+                head = ("quartiles", r["objective"], r["column"], r["from_stage"], r["to_stage"], r["quartile"])
+                ivs = {f"{s}_{end}": v for s in QUARTILE_STATS for end, v in zip(("lo", "hi"), interval(job.boot, (*head, s)))}
+                rows.append({**base_row(job), **r, **ivs})
         elif key == "likelihood" and a.get("likelihood"):
             rows += [{**base_row(job), **r} for r in a["likelihood"]]
     return pd.DataFrame(rows)
@@ -58,8 +90,13 @@ def diagnostics_table(jobs: list[Job]) -> pd.DataFrame:
             for prev, c in (d.get("movement_cosine") or {}).items():
                 base[f"movement_cos_{prev}_raw"] = c.get("raw_cosine")
                 base[f"movement_cos_{prev}_effective"] = c.get("effective_cosine")
+            own = d.get("objective")
+            ua_own = (d.get("update_alignment") or {}).get(own) or {}
+            base.update({"own_update_cos_neg_grad": ua_own.get("cos_update_neg_grad"),
+                         "own_first_order_loss_change": ua_own.get("first_order_loss_change")})
             others = set((d.get("grad_cosine") or {}).keys())
-            objs = {p.split("__", 1)[1] for p in others} | set((d.get("update_alignment") or {}).keys())
+            # One row per other objective: a cosine of the stage's objective with itself is no cross-objective number.
+            objs = ({p.split("__", 1)[1] for p in others} | set((d.get("update_alignment") or {}).keys())) - {own}
             for other in sorted(objs) or [None]:
                 row = dict(base)
                 if other is not None:
@@ -96,9 +133,13 @@ def matrix_side_by_side(jobs: list[Job], metric: str) -> pd.DataFrame:
             m = job.matrix
             o = job.factors["order"]
             row[f"{o}: trained"] = m["stages"][t] if t < len(m["stages"]) else ""
+            ivs = job.boot.interval(("matrix", metric)) if job.boot is not None and ("matrix", metric) in job.boot.reps else None
             for j, obj in enumerate(m["objectives"]):
                 vals = m["metrics"].get(metric) or []
-                row[f"{o}: {obj}"] = vals[t][j] if t < len(vals) else None
+                if t >= len(vals):
+                    row[f"{o}: {obj}"] = None
+                else:
+                    row[f"{o}: {obj}"] = vals[t][j] if ivs is None else estimate(vals[t][j], *ivs[t][j])
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -111,10 +152,12 @@ def transfer_side_by_side(jobs: list[Job]) -> pd.DataFrame:
             t = tr.get(metric)
             if not t:
                 continue
-            row = {"order": job.factors["order"], "metric": metric, "BWT": t["BWT"], "FWT": t["FWT"], "ACC": t["ACC"]}
+            iv = lambda v, *key: estimate(v, *interval(job.boot, ("transfer", metric, *key))) if v is not None else None  # noqa: E731
+            row = {"order": job.factors["order"], "metric": metric,
+                   **{q: iv(t[q], "_all", q) for q in ("BWT", "FWT", "ACC")}}
             for obj, per in t["per_objective"].items():
-                row[f"learning {obj}"] = per.get("learning")
-                row[f"forgetting {obj}"] = per.get("forgetting")
+                row[f"learning {obj}"] = iv(per.get("learning"), obj, "learning")
+                row[f"forgetting {obj}"] = iv(per.get("forgetting"), obj, "forgetting")
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -126,10 +169,12 @@ def quartile_side_by_side(jobs: list[Job]) -> pd.DataFrame:
         if not d:
             continue
         for q in d["quartiles"] + [{"quartile": "all", **d["all"]}]:
+            head = ("quartiles", d["objective"], d["column"], d["from_stage"], d["to_stage"], q["quartile"])
+            iv = {s: estimate(q.get(s), *interval(job.boot, (*head, s))) for s in QUARTILE_STATS}
             rows.append({"order": job.factors["order"], "objective": d["objective"], "stages": f"{d['from_stage']}->{d['to_stage']}",
-                         "quartile": q["quartile"], "n": q.get("n"), "improved": q.get("frac_improved"),
-                         "stayed": q.get("frac_stayed"), "degraded": q.get("frac_degraded"),
-                         "mean delta": q.get("delta_mean"), "correct->wrong": q.get("flips_correct_to_wrong"),
+                         "quartile": q["quartile"], "n": q.get("n"), "improved": iv["frac_improved"],
+                         "stayed": iv["frac_stayed"], "degraded": iv["frac_degraded"],
+                         "mean delta": iv["delta_mean"], "correct->wrong": q.get("flips_correct_to_wrong"),
                          "wrong->correct": q.get("flips_wrong_to_correct"),
                          "redistribution": d["redistribution"] if q["quartile"] == "all" else None})
     return pd.DataFrame(rows)
@@ -143,3 +188,32 @@ def likelihood_side_by_side(jobs: list[Job]) -> pd.DataFrame:
                          "trained": r["trained"], "d chosen/tok": r["d_chosen_tok"], "d rejected/tok": r["d_rejected_tok"],
                          "chosen down": r["frac_chosen_down"], "regime": r["regime"], "drastic drop": r["drastic_drop"]})
     return pd.DataFrame(rows)
+
+
+def verdicts_table(jobs: list[Job]) -> pd.DataFrame:
+    """Every job's verdicts (analysis/intervals.py): one row per objective x stage x column."""
+    from seqdpo.analysis.intervals import verdicts
+
+    rows = []
+    for job in jobs:
+        for v in verdicts(job.boot) if job.boot is not None else []:
+            rows.append({**base_row(job), **{k: v[k] for k in ("objective", "stage", "stage_objective", "baseline_stage", "column",
+                                                                  "change", "verdict")},
+                         "lo": v["interval"][0], "hi": v["interval"][1], "quartiles_up": ",".join(v["quartiles_up"]),
+                         "quartiles_down": ",".join(v["quartiles_down"])})
+    return pd.DataFrame(rows)
+
+
+def verdicts_side_by_side(jobs: list[Job], column: str) -> pd.DataFrame:
+    """Rows objective x stage, a column per order: 'verdict: change [interval]'."""
+    table = verdicts_table(jobs)
+    if not len(table):
+        return table
+    table = table[table["column"] == column]
+    rows = {}
+    for r in table.itertuples(index=False):
+        row = rows.setdefault((r.objective, r.stage), {"objective": r.objective, "after stage": r.stage})
+        moved = f" (up {r.quartiles_up}; down {r.quartiles_down})" if r.verdict == "redistributed" else ""
+        row[f"{r.order}: vs stage"] = r.baseline_stage
+        row[f"{r.order}"] = f"{r.verdict}: {estimate(r.change, r.lo, r.hi)}{moved}"
+    return pd.DataFrame(list(rows.values()))
