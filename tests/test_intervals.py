@@ -188,3 +188,19 @@ def test_bootstrap_key_composes_and_is_validated():
     with pytest.raises(ConfigError) as e:
         run_config(["eval.bootstrap=-1"])
     assert e.value.key == "eval.bootstrap"
+
+
+def test_pooling_seeds_that_scored_the_same_pairs_draws_them_once():
+    """Three runs that scored identical pairs identically: their mean is that one run, and so must be its
+    pooled interval; independent draws would pretend to three times the pairs."""
+    rng = np.random.default_rng(4)
+    pairs, matrix = _job({"a": [np.zeros(40), rng.normal(1, 1, 40)]}, ["base", "a"])
+    shared = [I.bootstrap(pairs, matrix, n_boot=300, seed=0) for _ in range(3)]
+    independent = [I.bootstrap(pairs, matrix, n_boot=300, seed=s) for s in range(3)]
+    assert I.same_pairs(shared)
+    key = ("matrix", "margin_mean")
+    assert np.allclose(I.pool(shared).interval(key), shared[0].interval(key))
+    assert np.diff(I.pool(independent).interval(key)[1, 0]) < 0.8 * np.diff(shared[0].interval(key)[1, 0])
+    other, _ = _job({"a": [np.zeros(40), rng.normal(1, 1, 40)]}, ["base", "a"])
+    other["pair_id"] = other["pair_id"] + "-x"
+    assert not I.same_pairs([shared[0], I.bootstrap(other, matrix, n_boot=10, seed=0)])

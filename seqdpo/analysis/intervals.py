@@ -62,6 +62,7 @@ class Bootstrap:
     baselines: dict[tuple[str, int], int] = field(default_factory=dict)
     n_pairs: dict[str, int] = field(default_factory=dict)
     n_dropped: dict[str, int] = field(default_factory=dict)
+    pair_ids: dict[str, np.ndarray] = field(default_factory=dict)  # the pairs resampled, in draw order
 
     def interval(self, key: tuple, level: float = LEVEL) -> np.ndarray:
         """[..., 2]: lower and upper percentile bounds of the key's replicates."""
@@ -156,7 +157,7 @@ def bootstrap(pairs: pd.DataFrame, matrix: dict, *, n_boot: int, seed: int, stay
     columns = [c for c in dict.fromkeys(col for col, _ in MATRIX_STATS.values()) if c in pairs.columns]
     data = _wide(pairs, objectives, columns, len(stages))
     for obj, (ids, _, dropped) in data.items():
-        boot.n_pairs[obj], boot.n_dropped[obj] = len(ids), dropped
+        boot.n_pairs[obj], boot.n_dropped[obj], boot.pair_ids[obj] = len(ids), dropped, ids
     data = {o: d for o, d in data.items() if len(d[0])}
     boot.baselines = {(o, t): baseline_stage(stages, o, t) for o in data for t in range(1, len(stages))}
     decomps = [d for col in P.DECOMPOSED_COLUMNS if col in pairs.columns
@@ -170,9 +171,17 @@ def bootstrap(pairs: pd.DataFrame, matrix: dict, *, n_boot: int, seed: int, stay
     return boot
 
 
+def same_pairs(boots: list[Bootstrap]) -> bool:
+    """Whether every job scored the same eval pairs (then a pooled bootstrap must draw them once for all)."""
+    first = boots[0].pair_ids
+    return all(b.pair_ids.keys() == first.keys() and all(np.array_equal(b.pair_ids[o], first[o]) for o in first)
+               for b in boots[1:])
+
+
 def pool(boots: list[Bootstrap]) -> Bootstrap | None:
     """The mean over jobs (e.g. seeds) of every statistic they share, replicate by replicate: the
-    pair-level interval of a seed mean (each job's pairs resampled independently)."""
+    pair-level interval of a seed mean. The jobs' draws must be independent (different pairs, different
+    seeds) or, when they scored the same pairs, identical (same bootstrap seed): see `same_pairs`."""
     boots = [b for b in boots if b is not None]
     if not boots or len({(tuple(b.stages), tuple(b.objectives), b.n_boot) for b in boots}) != 1:
         return None

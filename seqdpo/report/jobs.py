@@ -170,13 +170,14 @@ def load_job(job_dir: Path, root: Path) -> Job:
             )
         except Exception as e:  # noqa: BLE001
             job.problems.append(f"analysis failed: {type(e).__name__}: {e}")
-        job.boot = _bootstrap(job)
+        job.boot = job_bootstrap(job)
     return job
 
 
-def _bootstrap(job: Job):
-    """The job's paired bootstrap, as the runner made matrix.json's intervals (same replicates and seed);
-    recomputed here for unfinished jobs, jobs that predate intervals, and the pooling of seeds."""
+def job_bootstrap(job: Job, seed: int | None = None):
+    """The job's paired bootstrap, as the runner made matrix.json's intervals (same replicates: the run's
+    seed) unless `seed` is given; recomputed here for unfinished jobs, jobs that predate intervals, and
+    the pooling of seeds."""
     from seqdpo.analysis.intervals import bootstrap
 
     cfg = job.config
@@ -184,7 +185,7 @@ def _bootstrap(job: Job):
     if not n_boot:
         return None
     try:
-        return bootstrap(job.pairs, job.matrix, n_boot=n_boot, seed=int(cfg.get("seed") or 0),
+        return bootstrap(job.pairs, job.matrix, n_boot=n_boot, seed=int(cfg.get("seed") or 0) if seed is None else seed,
                          stay_threshold=float((cfg.get("diagnostics") or {}).get("stay_threshold", 0.1)),
                          tie_tolerance=float((cfg.get("eval") or {}).get("tie_tolerance", 0.0)))
     except Exception as e:  # noqa: BLE001 - one broken job must not stop the report

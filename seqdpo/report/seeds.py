@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 
 from seqdpo.analysis import intervals as I
-from seqdpo.report.jobs import Job
+from seqdpo.report.jobs import Job, job_bootstrap
 from seqdpo.report.tables import bounds, estimate, verdicts_table
 
 METRICS = ("accuracy", "margin_mean")
@@ -39,17 +39,26 @@ def _keys(boot: I.Bootstrap):
             yield key, "change", key[3], key[1], key[2], "change vs baseline", ()
 
 
+def pooled(jobs: list[Job]) -> I.Bootstrap | None:
+    """The pooled bootstrap of the seeds' mean. Seeds that scored the same eval pairs (a real dataset without
+    n_eval) share one draw of them: each job is resampled again with one common bootstrap seed."""
+    boots = [j.boot for j in jobs]
+    if len(boots) > 1 and I.same_pairs(boots):
+        boots = [job_bootstrap(j, seed=0) for j in jobs]
+    return I.pool(boots)
+
+
 def seed_rows(group: list[Job]) -> list[dict[str, Any]]:
     """One row per order x statistic: seeds, per-seed values, mean, sd, t-interval, pooled pair-level interval."""
     rows = []
     for order, jobs in by_order(group).items():
-        pooled = I.pool([j.boot for j in jobs])
-        if pooled is None:
+        pool = pooled(jobs)
+        if pool is None:
             continue
-        for key, kind, metric, obj, stage, quantity, at in _keys(pooled):
+        for key, kind, metric, obj, stage, quantity, at in _keys(pool):
             values = [float(j.boot.point[key][at]) for j in jobs]
             s = I.seed_interval(values)
-            lo, hi = pooled.interval(key)[at]
+            lo, hi = pool.interval(key)[at]
             rows.append({"order": order, "kind": kind, "metric": metric, "objective": obj, "stage": stage, "quantity": quantity,
                          "seeds": [j.factors["seed"] for j in jobs], "values": values, "n_seeds": s["n"], "mean": s["mean"],
                          "sd": s["sd"], "t_lo": (s["interval"] or [None, None])[0], "t_hi": (s["interval"] or [None, None])[1],
@@ -89,12 +98,12 @@ def verdicts_across_seeds(group: list[Job], column: str) -> pd.DataFrame:
     """The verdict on the seed mean (pooled replicates) and how the seeds' own verdicts split."""
     out: dict[tuple, dict] = {}
     for order, jobs in by_order(group).items():
-        pooled = I.pool([j.boot for j in jobs])
-        if pooled is None:
+        pool = pooled(jobs)
+        if pool is None:
             continue
         per_seed = verdicts_table(jobs)
         per_seed = per_seed[per_seed["column"] == column] if len(per_seed) else per_seed
-        for v in I.verdicts(pooled):
+        for v in I.verdicts(pool):
             if v["column"] != column:
                 continue
             row = out.setdefault((v["objective"], v["stage"]), {"objective": v["objective"], "after stage": v["stage"]})
