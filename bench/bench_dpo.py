@@ -3,17 +3,24 @@
 One process builds one randomly initialised Llama (no download), then for each length distribution
 runs, on the same pairs in the same order (sequential sampler for every mode):
 
-  trl          TRL DPOTrainer, reference = adapter disabled, computed live (TRL's default)
-  trl_pre      TRL DPOTrainer with precompute_ref_log_probs=True (its pass timed separately)
-  seqdpo       seqdpo.trainer.SeqDPOTrainer (packed, LM head on scored positions only) with the
-               base reference log-probs precomputed by seqdpo.refcache (pass timed separately)
-  eval         one stage x objective evaluation pass: seqdpo.logprobs.dataset_logps, adapter on
+  trl            TRL DPOTrainer, reference = adapter disabled, computed live (TRL's default)
+  trl_pre        TRL DPOTrainer with precompute_ref_log_probs=True (its pass timed separately)
+  seqdpo         seqdpo.trainer.SeqDPOTrainer with model.packing=pair (prompt + chosen and prompt +
+                 rejected packed padding-free, LM head on scored positions only) and the base
+                 reference log-probs precomputed by seqdpo.refcache (pass timed separately)
+  seqdpo_shared  the same with model.packing=shared_prompt (each pair's prompt computed once)
+  eval, eval_shared  one stage x objective evaluation pass (seqdpo.logprobs.dataset_logps, adapter
+                 on) in the pair and the shared_prompt layout
 
 Length distributions: `equal` (prompt PLEN + completions CLEN tokens, no padding anywhere) and `hh`
 (the long-tailed HH-RLHF-like log-normal lengths of docs/gpu_dpo_bench_reference.py, seed 0).
 Figures: mean step time over the steps after `--warmup`, pairs/s, real (unpadded) tokens/s, MFU
 (6N FLOPs per real token with a live reference forward, 4N without: the reference script's
-convention), peak memory, and the ratios of seqdpo to trl and trl_pre. Prints a table, writes JSON.
+convention), peak memory, the token positions each mode actually runs through the decoder per step
+(`computed_tokens`; TRL: padding included, live reference twice), and the ratios of the seqdpo modes
+to trl, trl_pre and (seqdpo_shared) seqdpo. With `--repeats N` every mode runs N times, interleaved,
+and the summary rows hold medians (ratios: the median of each repeat's own ratio). Prints a table,
+writes JSON.
 
   GPU: python bench/bench_dpo.py --shape 8b --out bench.json
   CPU: python bench/bench_dpo.py --shape small --steps 6 --out bench_cpu.json
@@ -54,7 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--shape", default="8b", choices=sorted(SHAPES))
     p.add_argument("--layers", type=int, default=None, help="override the layer count")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--modes", default="trl,trl_pre,seqdpo,eval")
+    p.add_argument("--modes", default="trl,trl_pre,seqdpo,seqdpo_shared,eval,eval_shared")
+    p.add_argument("--repeats", type=int, default=1, help="runs of every mode (interleaved); medians reported")
     p.add_argument("--lendist", default="equal,hh")
     p.add_argument("--bs", type=int, default=4, help="preference pairs per step (all modes)")
     p.add_argument("--seq-bs", type=int, default=None, help="pairs per step for seqdpo (default --bs)")
@@ -71,18 +79,6 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------- data
-
-
-def make_tokenizer(vocab_size: int):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"w{i}": i for i in range(vocab_size - 2)}
-    vocab["<pad>"] = vocab_size - 2
-    vocab["<eos>"] = vocab_size - 1
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>")
 
 
 def make_pairs(n: int, lendist: str, vocab_size: int, args):
@@ -227,7 +223,7 @@ def run_trl(model, tok, ds, args, precompute: bool):
     return times, pre_s, peft_model
 
 
-def run_seqdpo(model, tok, tds, args):
+def run_seqdpo(model, tok, tds, args, packing: str):
     from peft import get_peft_model
 
     from seqdpo.config import LossConfig
@@ -242,13 +238,14 @@ def run_seqdpo(model, tok, tds, args):
         # a fresh cache directory: the pass is timed every run, never served from an earlier one
         ref = reference_logps(peft_model, tds, fingerprint=f"bench-{args.shape}-{args.layers}",
                               cache_dir=tempfile.mkdtemp(prefix="bench_refcache_"), batch_size=16,
-                              max_length=args.max_length)
+                              max_length=args.max_length, packing=packing)
     sync(args.device)
     ref_s = time.perf_counter() - t
     train = with_reference_columns(tds, ref)
     times = []
     tr = sequential(SeqDPOTrainer)(
-        model=peft_model, args=dpo_args(args, bs), train_dataset=train, processing_class=tok, loss=LossConfig()
+        model=peft_model, args=dpo_args(args, bs), train_dataset=train, processing_class=tok, loss=LossConfig(),
+        packing=packing,
     )
     tr.add_callback(step_timer(args.device, times))
     tr.train()
@@ -256,19 +253,36 @@ def run_seqdpo(model, tok, tds, args):
     return times, ref_s, peft_model, bs
 
 
-def packed_vs_padded(peft_model, tds, device, n=4):
-    """Max |packed - padded| log-prob on the first pairs: the block-causal mask derived from position_ids
-    must give the padded result on this transformers/torch."""
+def vs_padded(peft_model, tds, device, packing: str, n=4):
+    """Max |layout - padded| log-prob on the first pairs: the layout's mask (derived from position_ids
+    for pair, built by seqdpo.packing for shared_prompt) must give the padded result here."""
     from seqdpo.logprobs import PairCollator, sequence_logps
 
     feats = [tds[i] for i in range(n)]
     with torch.no_grad(), autocast(device):
-        a = sequence_logps(peft_model, PairCollator(packed=True)(feats))
-        b = sequence_logps(peft_model, PairCollator(packed=False)(feats))
+        a = sequence_logps(peft_model, PairCollator(packing=packing)(feats))
+        b = sequence_logps(peft_model, PairCollator(packing="padded")(feats))
     return max(
         (a["chosen_logps"] - b["chosen_logps"]).abs().max().item(),
         (a["rejected_logps"] - b["rejected_logps"]).abs().max().item(),
     ), a["chosen_logps"].abs().mean().item()
+
+
+def computed_tokens(tds, bs: int, packing: str, max_length: int) -> list[int]:
+    """Token positions one forward of each batch runs through the decoder: padded rows for TRL (every
+    sequence padded to the longest of its batch), the packed row for the seqdpo layouts."""
+    from seqdpo.packing import pair_num_tokens
+
+    rows = [tds[i] for i in range(len(tds))]
+    out = []
+    for start in range(0, len(rows) - bs + 1, bs):
+        batch = rows[start : start + bs]
+        if packing == "padded":
+            width = max(min(len(r["prompt_ids"]) + len(r[k]), max_length) for r in batch for k in ("chosen_ids", "rejected_ids"))
+            out.append(2 * bs * width)
+        else:
+            out.append(sum(pair_num_tokens(r, packing) for r in batch))
+    return out
 
 
 def unload(peft_model):
@@ -280,8 +294,13 @@ def unload(peft_model):
 # ---------------------------------------------------------------------------------------------- main
 
 
-def summarise(mode, lendist, times, bs, tok_lens, args, n_params, live_ref, extra=None):
-    """tok_lens: real tokens of each pair (prompt counted twice), in the order steps consume them."""
+SEQDPO_PACKING = {"seqdpo": "pair", "seqdpo_shared": "shared_prompt", "eval": "pair", "eval_shared": "shared_prompt"}
+BASELINES = ("trl", "trl_pre", "seqdpo")  # what the later modes of a repeat are compared with
+
+
+def summarise(mode, lendist, times, bs, tok_lens, comp_tokens, args, n_params, live_ref, extra=None):
+    """tok_lens: real tokens of each pair (prompt counted twice), in the order steps consume them;
+    comp_tokens: positions each step's forward computes (`computed_tokens`)."""
     w = args.warmup
     timed = times[w:]
     steps = len(timed)
@@ -292,10 +311,62 @@ def summarise(mode, lendist, times, bs, tok_lens, args, n_params, live_ref, extr
         "mean_step_s": round(total / steps, 4),
         "pairs_per_s": round(bs * steps / total, 3),
         "tokens_per_s": round(tokens / total),
+        "computed_tokens_per_step": round(sum(comp_tokens[w : w + steps]) / steps, 1),
         "mfu": round(tokens * n_params * (6 if live_ref else 4) / total / PEAK_FLOPS, 3) if args.device == "cuda" else None,
         "peak_mem_gib": peak_gib(args.device),
     }
     rec.update(extra or {})
+    return rec
+
+
+def run_mode(mode, model, tok, ds, tds, tok_lens, lendist, args, n_params):
+    """One timed run of `mode`; returns its record and the PeftModel to unload."""
+    from seqdpo.logprobs import dataset_logps
+
+    if mode in ("trl", "trl_pre"):
+        times, pre_s, pm = run_trl(model, tok, ds, args, precompute=mode == "trl_pre")
+        extra = {"ref_pass_s": round(pre_s, 2)} if pre_s is not None else {}
+        comp = computed_tokens(tds, args.bs, "padded", args.max_length)
+        return summarise(mode, lendist, times, args.bs, tok_lens, comp, args, n_params, mode == "trl", extra), pm
+    packing = SEQDPO_PACKING[mode]
+    if mode in ("seqdpo", "seqdpo_shared"):
+        times, ref_s, pm, bs = run_seqdpo(model, tok, tds, args, packing)
+        diff, scale = vs_padded(pm, tds, args.device, packing)
+        extra = {"packing": packing, "ref_pass_s": round(ref_s, 2), "ref_pairs_per_s": round(len(tds) / ref_s, 2),
+                 "vs_padded_max_abs": diff, "mean_abs_logp": round(scale, 2)}
+        comp = computed_tokens(tds, bs, packing, args.max_length)
+        return summarise(mode, lendist, times, bs, tok_lens, comp, args, n_params, False, extra), pm
+    from peft import get_peft_model
+
+    pm = get_peft_model(model, lora_config())
+    n = min(args.eval_pairs, len(tds))
+    sub = tds.select(range(n))
+    with autocast(args.device):
+        dataset_logps(pm, sub.select(range(min(4, n))), args.eval_bs, "warmup", packing=packing, show_progress=False)
+        sync(args.device)
+        t = time.perf_counter()
+        dataset_logps(pm, sub, args.eval_bs, "eval", packing=packing, show_progress=False)
+        sync(args.device)
+    el = time.perf_counter() - t
+    rec = {"mode": mode, "lendist": lendist, "packing": packing, "pairs": n, "bs_pairs": args.eval_bs,
+           "seconds": round(el, 3), "pairs_per_s": round(n / el, 2),
+           "tokens_per_s": round(sum(tok_lens[:n]) / el), "peak_mem_gib": peak_gib(args.device)}
+    return rec, pm
+
+
+def median_record(runs: list[dict]) -> dict:
+    """The median over repeats of every number the runs share (ratios: of each repeat's own ratio)."""
+    import statistics
+
+    rec = {k: v for k, v in runs[0].items() if not isinstance(v, (int, float)) or isinstance(v, bool)}
+    for key in runs[0]:
+        values = [r.get(key) for r in runs]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            rec[key] = round(statistics.median(values), 4)
+    rec["repeat"] = "median"
+    rec["repeats"] = len(runs)
+    if "pairs_per_s" in runs[0]:
+        rec["pairs_per_s_runs"] = [r["pairs_per_s"] for r in runs]
     return rec
 
 
@@ -307,7 +378,8 @@ def main(argv=None):
     import transformers
     import trl
 
-    from seqdpo.logprobs import dataset_logps, tokenize_pairs
+    from seqdpo.logprobs import tokenize_pairs
+    from seqdpo.modeling import build_word_tokenizer
 
     datasets.disable_progress_bars()
     # TRL keys its precompute cache on a sha256 of every weight copied to the CPU (minutes of device
@@ -318,7 +390,7 @@ def main(argv=None):
     t0 = time.time()
     model, cfg = build_model(args)
     n_params = sum(p.numel() for p in model.parameters())
-    tok = make_tokenizer(cfg.vocab_size)
+    tok = build_word_tokenizer(cfg.vocab_size)
     modes = args.modes.split(",")
     env = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
@@ -326,7 +398,7 @@ def main(argv=None):
         "peft": peft.__version__, "datasets": datasets.__version__, "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "argv": sys.argv, "shape": args.shape,
         "layers": cfg.num_hidden_layers, "params": n_params, "init_s": round(time.time() - t0, 1),
-        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "loadavg_start": _loadavg(),
     }
     print(json.dumps(env), flush=True)
     results = []
@@ -335,6 +407,7 @@ def main(argv=None):
         results.append(rec)
         print(json.dumps(rec), flush=True)
         if args.out:
+            env["loadavg_end"] = _loadavg()
             with open(args.out, "w") as f:
                 json.dump({"env": env, "results": results}, f, indent=1)
 
@@ -343,49 +416,46 @@ def main(argv=None):
         ds = make_pairs(n_ex, lendist, cfg.vocab_size, args)
         tds = tokenize_pairs(ds, tok, args.max_length)
         tok_lens = [2 * len(p) + len(c) + len(r) for p, c, r in zip(tds["prompt_ids"], tds["chosen_ids"], tds["rejected_ids"])]
-        base = {}
-        for mode in modes:
-            reset_memory(args.device)
-            try:
-                if mode in ("trl", "trl_pre"):
-                    times, pre_s, pm = run_trl(model, tok, ds, args, precompute=mode == "trl_pre")
-                    extra = {"ref_pass_s": round(pre_s, 2)} if pre_s is not None else {}
-                    rec = summarise(mode, lendist, times, args.bs, tok_lens, args, n_params, mode == "trl", extra)
-                    base[mode] = rec
-                elif mode == "seqdpo":
-                    times, ref_s, pm, bs = run_seqdpo(model, tok, tds, args)
-                    diff, scale = packed_vs_padded(pm, tds, args.device)
-                    extra = {"ref_pass_s": round(ref_s, 2), "ref_pairs_per_s": round(len(tds) / ref_s, 2),
-                             "packed_vs_padded_max_abs": diff, "mean_abs_logp": round(scale, 2)}
-                    rec = summarise(mode, lendist, times, bs, tok_lens, args, n_params, False, extra)
-                    for b, r in base.items():
-                        rec[f"x_{b}"] = round(rec["pairs_per_s"] / r["pairs_per_s"], 2)
-                elif mode == "eval":
-                    from peft import get_peft_model
-
-                    pm = get_peft_model(model, lora_config())
-                    n = min(args.eval_pairs, len(tds))
-                    sub = tds.select(range(n))
-                    with autocast(args.device):
-                        dataset_logps(pm, sub.select(range(min(4, n))), args.eval_bs, "warmup", show_progress=False)
-                        sync(args.device)
-                        t = time.perf_counter()
-                        dataset_logps(pm, sub, args.eval_bs, "eval", show_progress=False)
-                        sync(args.device)
-                    el = time.perf_counter() - t
-                    rec = {"mode": "eval", "lendist": lendist, "pairs": n, "bs_pairs": args.eval_bs,
-                           "seconds": round(el, 3), "pairs_per_s": round(n / el, 2),
-                           "tokens_per_s": round(sum(tok_lens[:n]) / el), "peak_mem_gib": peak_gib(args.device)}
-                else:
+        runs = {m: [] for m in modes}
+        for rep in range(args.repeats):
+            base = {}
+            for mode in modes:
+                if mode not in ("trl", "trl_pre", *SEQDPO_PACKING):
                     raise ValueError(f"unknown mode {mode}")
-                model = unload(pm)
-                del pm
+                reset_memory(args.device)
+                try:
+                    rec, pm = run_mode(mode, model, tok, ds, tds, tok_lens, lendist, args, n_params)
+                    model = unload(pm)
+                    del pm
+                except torch.cuda.OutOfMemoryError as e:  # recorded, the other modes still run
+                    emit({"mode": mode, "lendist": lendist, "repeat": rep, "error": f"OOM: {str(e)[:200]}"})
+                    model = _strip_lora(model)
+                    continue
+                rec["repeat"] = rep
+                if mode.startswith("seqdpo"):
+                    for b, r in base.items():
+                        if b != mode:
+                            rec[f"x_{b}"] = round(rec["pairs_per_s"] / r["pairs_per_s"], 2)
+                            rec[f"computed_vs_{b}"] = round(rec["computed_tokens_per_step"] / r["computed_tokens_per_step"], 3)
+                if mode == "eval_shared" and runs.get("eval"):
+                    rec["x_eval"] = round(rec["pairs_per_s"] / runs["eval"][-1]["pairs_per_s"], 2)
+                if mode in BASELINES:
+                    base[mode] = rec
+                runs[mode].append(rec)
                 emit(rec)
-            except torch.cuda.OutOfMemoryError as e:  # recorded, the other modes still run
-                emit({"mode": mode, "lendist": lendist, "error": f"OOM: {str(e)[:200]}"})
-                model = _strip_lora(model)
+        if args.repeats > 1:
+            for mode in modes:
+                if runs[mode]:
+                    emit(median_record(runs[mode]))
     print_table(results)
     return {"env": env, "results": results}
+
+
+def _loadavg():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _strip_lora(model):
@@ -401,8 +471,9 @@ def _strip_lora(model):
 
 
 def print_table(results):
-    cols = ["lendist", "mode", "bs_pairs", "mean_step_s", "pairs_per_s", "tokens_per_s", "mfu", "peak_mem_gib",
-            "ref_pass_s", "x_trl", "x_trl_pre", "error"]
+    cols = ["lendist", "mode", "repeat", "bs_pairs", "mean_step_s", "pairs_per_s", "tokens_per_s",
+            "computed_tokens_per_step", "mfu", "peak_mem_gib", "ref_pass_s", "x_trl", "x_trl_pre", "x_seqdpo",
+            "computed_vs_trl", "x_eval", "error"]
     print("\n| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in results:

@@ -44,6 +44,9 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16
     attn_implementation: str = "sdpa"
     max_length: int = 512  # prompt + completion tokens; longer pairs are truncated (TRL keep_start)
+    # batch layout of every forward (training, reference, evaluation): shared_prompt (each pair's prompt
+    # computed once) | pair (prompt+chosen, prompt+rejected, packed) | padded (TRL's); same log-probs
+    packing: str = "shared_prompt"
     tiny: TinyModelShape = field(default_factory=TinyModelShape)
 
 
@@ -216,7 +219,21 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("lora.r", f"must be > 0, got {cfg.lora.r}")
     if "lm_head" in cfg.lora.target_modules:
         raise ConfigError("lora.target_modules", "lm_head cannot carry LoRA: log-probs are read from its weight")
+    _check_packing(cfg.model)
     check_loss_config(cfg.loss, cfg.beta)
+
+
+def _check_packing(model: ModelConfig) -> None:
+    from seqdpo.packing import MASKED_ATTENTION, PACKINGS
+
+    if model.packing not in PACKINGS:
+        raise ConfigError("model.packing", f"'{model.packing}' is not one of {list(PACKINGS)}")
+    if model.packing == "shared_prompt" and model.attn_implementation not in MASKED_ATTENTION:
+        raise ConfigError(
+            "model.packing",
+            f"shared_prompt needs a custom attention mask, which model.attn_implementation "
+            f"'{model.attn_implementation}' does not take (one of {list(MASKED_ATTENTION)} does); use pair",
+        )
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
@@ -226,10 +243,11 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
 def signature(cfg: RunConfig) -> str:
     """Identity of the science a job does: same signature = same results, so a rerun may reuse its outputs.
 
-    The logger settings and the cache location do not change results and are left out, so
-    switching W&B on or off keeps a job's identity.
+    The logger settings, the cache location and the batch layout (model.packing: the same log-probs,
+    tested) do not change results and are left out, so switching W&B on or off keeps a job's identity.
     """
     d = to_dict(cfg)
     d.pop("logger")
     d.pop("ref_cache_dir")
+    d["model"].pop("packing")
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]

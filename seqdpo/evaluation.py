@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from seqdpo.logprobs import dataset_logps
+from seqdpo.packing import DEFAULT_PACKING
 
 # Matrix metric -> (per-pair column, statistic over an objective's pairs); also what intervals resample.
 MATRIX_STATS = {
@@ -57,15 +58,26 @@ def pair_table(
     return df
 
 
-def evaluate_stage(model, eval_sets: dict, *, stage: int, stage_objective: str, beta: float, batch_size: int, tie_tolerance: float) -> pd.DataFrame:
+def evaluate_stage(
+    model,
+    eval_sets: dict,
+    *,
+    stage: int,
+    stage_objective: str,
+    beta: float,
+    batch_size: int,
+    tie_tolerance: float,
+    packing: str = DEFAULT_PACKING,
+) -> pd.DataFrame:
     """Scores every objective's eval split with `model` as it stands.
 
     `eval_sets` maps objective name -> tokenized eval Dataset with `ref_chosen_logps` and
-    `ref_rejected_logps` columns (the base model's, from the reference cache).
+    `ref_rejected_logps` columns (the base model's, from the reference cache). `packing` is the batch
+    layout (`model.packing`).
     """
     frames = []
     for name, ds in eval_sets.items():
-        logps = dataset_logps(model, ds, batch_size, desc=f"eval stage {stage} on {name}")
+        logps = dataset_logps(model, ds, batch_size, desc=f"eval stage {stage} on {name}", packing=packing)
         df = pair_table(
             logps,
             np.asarray(ds["ref_chosen_logps"], dtype=float),

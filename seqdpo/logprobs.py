@@ -6,35 +6,30 @@ Contract (docs/DESIGN.md, "Log-prob contract"):
   TRL 1.16 `DPOTrainer._prepare_dataset` does, drops pairs whose prompt alone fills `max_length` and
   applies TRL's collator truncation (keep_start) to the stored ids, so every later step sees the
   tokens that are actually scored.
-* `PairCollator` turns tokenized rows into one batch. By default it is padding-free: the 2B sequences
-  (chosen 0..B-1, then rejected 0..B-1, TRL's order) are concatenated into one row with per-sequence
-  `position_ids`; transformers then builds a block-causal mask from the position resets
-  (`masking_utils.find_packed_sequence_indices`), so no token attends across sequences and no compute
-  is spent on padding. `packed=False` gives TRL's right-padded layout (used to check equality).
+* `PairCollator` (`seqdpo.packing`) lays a batch out in one of three layouts (`model.packing`):
+  `shared_prompt` (each pair's prompt computed once, the default), `pair` (prompt + chosen and
+  prompt + rejected packed padding-free) or `padded` (TRL's layout); all give the same log-probs.
 * `sequence_logps(model, batch)` runs the decoder for hidden states and projects through the LM head
   only the positions whose next token is a completion token, in vocabulary tiles
   (`trl.kernels.ChunkedLogProbFunction`, the kernel TRL's own `fused_lm_head` uses): no
   `[tokens x vocab]` logits are materialised, in the forward or the backward.
 * `dataset_logps(model, ds, batch_size, desc)` is the no-grad pass over a dataset in length-sorted
   batches, returned in dataset row order.
-
-Batch keys produced by the collator: `input_ids`, `position_ids` (packed) or `attention_mask` (padded),
-`completion_mask` (TRL's meaning), `labels` (next-token target at every scored position, else -100;
-never crosses a sequence boundary), `seq_index` (which of the 2B sequences each position belongs to),
-`num_pairs`, and `ref_chosen_logps` / `ref_rejected_logps` when the rows carry them.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from seqdpo.packing import DEFAULT_PACKING, PairCollator, attention_mask_4d, pair_num_tokens
+
+__all__ = ["PairCollator", "dataset_logps", "sequence_logps", "tokenize_pairs"]
+
 _VOCAB_CHUNK = 32768  # vocabulary tile of the LM-head kernel (TRL's default)
-_REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -99,93 +94,6 @@ def tokenize_pairs(ds, tokenizer, max_length: int, num_proc: int | None = None):
     if max_length is not None:
         out = out.filter(lambda row: len(row["prompt_ids"]) < max_length, num_proc=num_proc)
     return out
-
-
-def pair_num_tokens(row: dict) -> int:
-    """Tokens a pair costs in a packed forward (prompt counted for chosen and for rejected)."""
-    p = len(row["prompt_ids"])
-    return 2 * p + len(row["chosen_ids"]) + len(row["rejected_ids"])
-
-
-# --------------------------------------------------------------------------------------------------
-# collation
-
-
-@dataclass
-class PairCollator:
-    """Collates tokenized pairs; `packed=True` (default) is padding-free, `packed=False` is TRL's layout.
-
-    When all 2B sequences have the same length the packed collator returns the rectangular layout
-    (it has no padding then); consumers must accept both (sequence_logps does).
-
-    `max_length` truncates again (keep_start) for rows that were not tokenized with `tokenize_pairs` at
-    this length; it is a no-op on rows that were.
-    """
-
-    pad_token_id: int = 0
-    max_length: int | None = None
-    packed: bool = True
-    pad_to_multiple_of: int | None = None
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        seqs, comp = [], []
-        for key in ("chosen_ids", "rejected_ids"):
-            for f in features:
-                p, c = list(f["prompt_ids"]), list(f[key])
-                ids, mask = p + c, [0] * len(p) + [1] * len(c)
-                if self.max_length is not None:
-                    ids, mask = ids[: self.max_length], mask[: self.max_length]
-                seqs.append(ids)
-                comp.append(mask)
-        # Equal lengths are already padding-free as a rectangle, and without a mask SDPA keeps its
-        # causal flash kernel instead of a dense block mask over all 2B sequences
-        same = len({len(s) for s in seqs}) == 1 and not self.pad_to_multiple_of
-        out = self._packed(seqs, comp) if self.packed and not same else self._padded(seqs, comp)
-        out["num_pairs"] = len(features)
-        for key in _REF_KEYS:
-            if key in features[0]:
-                out[key] = torch.tensor([float(f[key]) for f in features], dtype=torch.float32)
-        return out
-
-    @staticmethod
-    def _labels(ids: list[int], mask: list[int]) -> list[int]:
-        # position t scores token t+1 of the same sequence when that token is a completion token
-        return [ids[t + 1] if mask[t + 1] else -100 for t in range(len(ids) - 1)] + [-100]
-
-    def _packed(self, seqs, comp) -> dict[str, Any]:
-        ids = [t for s in seqs for t in s]
-        total = len(ids)
-        padded_total = total
-        if self.pad_to_multiple_of:
-            padded_total = -(-total // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        pad = padded_total - total
-        positions = [p for s in seqs for p in range(len(s))] + list(range(pad))
-        labels = [lab for s, m in zip(seqs, comp) for lab in self._labels(s, m)] + [-100] * pad
-        seq_index = [i for i, s in enumerate(seqs) for _ in s] + [len(seqs) - 1] * pad
-        return {
-            "input_ids": torch.tensor([ids + [self.pad_token_id] * pad], dtype=torch.long),
-            "position_ids": torch.tensor([positions], dtype=torch.long),
-            "completion_mask": torch.tensor([[m for c in comp for m in c] + [0] * pad], dtype=torch.long),
-            "labels": torch.tensor([labels], dtype=torch.long),
-            "seq_index": torch.tensor([seq_index], dtype=torch.long),
-        }
-
-    def _padded(self, seqs, comp) -> dict[str, Any]:
-        width = max(len(s) for s in seqs)
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-
-        def right(rows, value):
-            return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
-
-        labels = [self._labels(s, m) for s, m in zip(seqs, comp)]
-        return {
-            "input_ids": right(seqs, self.pad_token_id),
-            "attention_mask": right([[1] * len(s) for s in seqs], 0),
-            "completion_mask": right(comp, 0),
-            "labels": right(labels, -100),
-            "seq_index": torch.arange(len(seqs)).unsqueeze(1).expand(len(seqs), width).contiguous(),
-        }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,19 +176,26 @@ def _sequence_logps(model, batch: dict) -> dict[str, torch.Tensor]:
     device = next(decoder.parameters()).device
     input_ids = batch["input_ids"].to(device)
     kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
-    if "position_ids" in batch:
+    if "pair_index" in batch:  # shared_prompt
+        kwargs["position_ids"] = batch["position_ids"].to(device)
+        kwargs["attention_mask"] = attention_mask_4d(
+            batch["pair_index"].to(device),
+            batch["branch"].to(device),
+            causal_lm.config._attn_implementation,
+            decoder.get_input_embeddings().weight.dtype,
+        )
+    elif "position_ids" in batch:
         # no attention_mask: transformers derives the block-causal mask from the position resets
         kwargs["position_ids"] = batch["position_ids"].to(device)
     else:
         kwargs["attention_mask"] = batch["attention_mask"].to(device)
     hidden = decoder(**kwargs).last_hidden_state
-    labels = batch["labels"].to(device)
-    scored = labels != -100
-    per_token = _token_logps(causal_lm, hidden[scored], labels[scored])
+    hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["score_pos"].to(device))
+    per_token = _token_logps(causal_lm, hidden, batch["score_target"].to(device))
     n_seq = 2 * int(batch["num_pairs"])
-    seq = batch["seq_index"].to(device)[scored]
+    seq = batch["score_seq"].to(per_token.device)
     sums = torch.zeros(n_seq, device=per_token.device, dtype=torch.float32).index_add(0, seq, per_token.float())
-    lens = torch.zeros(n_seq, device=device, dtype=torch.long).index_add(0, seq, torch.ones_like(seq))
+    lens = torch.zeros(n_seq, device=seq.device, dtype=torch.long).index_add(0, seq, torch.ones_like(seq))
     b = n_seq // 2
     return {
         "chosen_logps": sums[:b],
@@ -324,23 +239,26 @@ def dataset_logps(
     desc: str = "log-probs",
     *,
     max_tokens: int | None = None,
-    collator: PairCollator | None = None,
+    packing: str = DEFAULT_PACKING,
     show_progress: bool = True,
 ) -> dict[str, np.ndarray]:
-    """No-grad pass (eval mode: no dropout) over `ds_tokenized`, results in dataset row order.
+    """No-grad pass (eval mode: no dropout) over `ds_tokenized` in batch layout `packing`, results in
+    dataset row order.
 
     Keys: chosen_logps, rejected_logps (float64), chosen_len, rejected_len (int64). The model is used as
     it stands: wrap the call in `peft_model.disable_adapter()` for the base model.
     """
     from tqdm.auto import tqdm
 
-    collator = collator or PairCollator()
+    collator = PairCollator(packing=packing)
     cols = ds_tokenized.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
     rows = cols.to_dict()
     n = len(ds_tokenized)
-    lengths = [
-        2 * len(p) + len(c) + len(r) for p, c, r in zip(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"])
+    feats = [
+        {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
+        for p, c, r in zip(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"])
     ]
+    lengths = [pair_num_tokens(f, packing) for f in feats]
     out = {
         "chosen_logps": np.zeros(n, dtype=np.float64),
         "rejected_logps": np.zeros(n, dtype=np.float64),
@@ -350,11 +268,7 @@ def dataset_logps(
     batches = length_sorted_batches(lengths, batch_size, max_tokens)
     with torch.no_grad(), _eval_mode(model):
         for idx in tqdm(batches, desc=desc, unit="batch", disable=not show_progress):
-            feats = [
-                {"prompt_ids": rows["prompt_ids"][i], "chosen_ids": rows["chosen_ids"][i], "rejected_ids": rows["rejected_ids"][i]}
-                for i in idx
-            ]
-            res = sequence_logps(model, collator(feats))
+            res = sequence_logps(model, collator([feats[i] for i in idx]))
             for key in out:
                 out[key][idx] = res[key].detach().cpu().numpy()
     return out

@@ -67,6 +67,20 @@ def build_tiny_tokenizer(vocab_size: int):
     return hf
 
 
+def build_word_tokenizer(vocab_size: int):
+    """Word-level tokenizer whose words `w0` ... `w{vocab_size-3}` are ids 0 ... vocab_size-3 (then `<pad>`,
+    `<eos>`): text reaches every id of a real-size vocabulary without a download (benchmarks, shape tests)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(vocab_size - 2)}
+    vocab["<pad>"] = vocab_size - 2
+    vocab["<eos>"] = vocab_size - 1
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>")
+
+
 def build_tiny_model(cfg: ModelConfig, tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -88,8 +102,8 @@ def build_tiny_model(cfg: ModelConfig, tokenizer):
     fork = torch.random.fork_rng()
     with fork:
         torch.manual_seed(shape.init_seed)
-        model = LlamaForCausalLM(config)
-    return model.to(_dtype(cfg.dtype))
+        # built in its dtype: a bfloat16 model of real size never exists in float32 first
+        return LlamaForCausalLM._from_config(config, dtype=_dtype(cfg.dtype))
 
 
 def load_model_and_tokenizer(cfg: ModelConfig):

@@ -10,7 +10,9 @@ parameter dtype and device type the values were computed with, a format version,
 content: the sorted per-row digests of (pair_id, prompt_ids, chosen_ids, rejected_ids). The token ids
 are those after tokenisation and truncation, so a changed tokenizer, template or max_length also
 changes the key. Row order is not part of the key: a shuffled or re-ordered split hits the same entry
-and gets its values back in its own order.
+and gets its values back in its own order. Neither are the batch layout (`model.packing`) nor the
+batch size: they change only the rounding of the same sums (tests/test_logprobs.py checks every
+layout against TRL), so jobs that differ in them share one entry.
 
 Files: `<cache_dir>/<key>.npz` (default cache_dir `outputs/.refcache`), holding `row_digest`,
 `chosen_logps`, `rejected_logps`, `chosen_len`, `rejected_len` and a JSON `meta` string. Writes go to
@@ -146,16 +148,19 @@ def reference_logps(
     batch_size: int = 16,
     max_length: int | None = None,
     max_tokens: int | None = None,
+    packing: str | None = None,
     desc: str = "reference log-probs",
 ) -> dict[str, np.ndarray]:
     """Base-model log-probs of every row of `tokenized_ds`, in its row order, from the cache or computed.
 
     `model` is the base model or a PeftModel on it (its adapter is disabled for the pass); `fingerprint`
     must identify that base model and tokenizer (`seqdpo.modeling.model_fingerprint`). Returns the
-    `dataset_logps` keys: chosen_logps, rejected_logps, chosen_len, rejected_len.
+    `dataset_logps` keys: chosen_logps, rejected_logps, chosen_len, rejected_len. `packing` is the batch
+    layout of a pass (None: the default); it is not part of the key (see above).
     """
     # imported here so that processes that only read or write cache files do not import torch
     from seqdpo.logprobs import dataset_logps
+    from seqdpo.packing import DEFAULT_PACKING
 
     cache_dir = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR)
     digests = row_digests(tokenized_ds)
@@ -172,11 +177,8 @@ def reference_logps(
             return values
 
     ctx = model.disable_adapter() if hasattr(model, "disable_adapter") and hasattr(model, "peft_config") else None
-    if ctx is None:
-        values = dataset_logps(model, tokenized_ds, batch_size, desc, max_tokens=max_tokens)
-    else:
-        with ctx:
-            values = dataset_logps(model, tokenized_ds, batch_size, desc, max_tokens=max_tokens)
+    with ctx if ctx is not None else contextlib.nullcontext():
+        values = dataset_logps(model, tokenized_ds, batch_size, desc, max_tokens=max_tokens, packing=packing or DEFAULT_PACKING)
     _count("computed", len(digests))
     meta = {
         "format": FORMAT_VERSION,
@@ -184,6 +186,7 @@ def reference_logps(
         "max_length": max_length,
         "param_dtype": param_dtype,
         "device_type": device_type,
+        "packing": packing or DEFAULT_PACKING,  # informative only: not in the key
         "rows": int(len(digests)),
     }
     _atomic_save(path, {"row_digest": digests, **values, "meta": np.asarray(json.dumps(meta))})

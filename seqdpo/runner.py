@@ -116,7 +116,7 @@ def _run_stages(cfg: RunConfig, out: Path, tracker) -> dict:
     def evaluate(stage: int):
         return evaluate_stage(
             peft_model, eval_tok, stage=stage, stage_objective=stage_names[stage], beta=cfg.beta,
-            batch_size=cfg.eval.batch_size, tie_tolerance=cfg.eval.tie_tolerance,
+            batch_size=cfg.eval.batch_size, tie_tolerance=cfg.eval.tie_tolerance, packing=cfg.model.packing,
         )
 
     if not (out / "stage_0" / "DONE").exists():
@@ -191,7 +191,8 @@ def _train_stage(cfg, peft_model, tok, train_ds, sd: Path, k: int, tracker, reco
     args = make_dpo_config(cfg, str(sd / "checkpoints"), seed=cfg.seed + k)
     callbacks = [tracker.stage_callback(k)] if tracker is not None else []
     trainer = SeqDPOTrainer(
-        model=peft_model, args=args, train_dataset=train_ds, processing_class=tok, loss=cfg.loss, callbacks=callbacks
+        model=peft_model, args=args, train_dataset=train_ds, processing_class=tok, loss=cfg.loss,
+        packing=cfg.model.packing, callbacks=callbacks,
     )
     if recorder is not None:
         recorder.on_stage_start(k, trainer)
@@ -246,7 +247,7 @@ class _ReferenceSource:
 
         lp = reference_logps(
             self.model, ds, fingerprint=self.fingerprint, cache_dir=self.cache_dir, batch_size=batch_size,
-            max_length=self.cfg.model.max_length,
+            max_length=self.cfg.model.max_length, packing=self.cfg.model.packing,
         )
         return with_reference_columns(ds, lp)
 
@@ -258,7 +259,10 @@ class _ReferenceSource:
         if path.exists():
             lp = dict(np.load(path))
         else:
-            lp = dataset_logps(self.model, ds, batch_size, desc="reference log-probs (previous stage)")
+            lp = dataset_logps(
+                self.model, ds, batch_size, desc="reference log-probs (previous stage)",
+                packing=self.cfg.model.packing,
+            )
             self.current_pairs += len(ds)
             if is_main_process():
                 path.parent.mkdir(parents=True, exist_ok=True)

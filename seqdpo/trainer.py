@@ -7,7 +7,8 @@ logging); seqdpo replaces three things:
   before the stage by the runner (base model from the shared cache, or the previous stage's model).
   TRL 1.16 would otherwise make a continued adapter its own reference (a frozen "ref" copy), which
   silently turns `reference: base` into sDPO from stage 2 on;
-- the log-probs: `seqdpo.logprobs.sequence_logps` (no padding waste, no full-vocabulary logits);
+- the log-probs: `seqdpo.logprobs.sequence_logps` in the batch layout `model.packing` (no padding
+  waste, each pair's prompt computed once by default, no full-vocabulary logits);
 - the loss: any entry of `seqdpo.losses.LOSSES`, or a weighted combination.
 """
 
@@ -19,6 +20,7 @@ from trl import DPOConfig, DPOTrainer
 from seqdpo.config import LossConfig, RunConfig
 from seqdpo.logprobs import PairCollator, sequence_logps
 from seqdpo.losses import PairLogps, compute_loss
+from seqdpo.packing import DEFAULT_PACKING
 
 
 def make_dpo_config(cfg: RunConfig, output_dir: str, *, seed: int) -> DPOConfig:
@@ -49,7 +51,17 @@ def make_dpo_config(cfg: RunConfig, output_dir: str, *, seed: int) -> DPOConfig:
 
 
 class SeqDPOTrainer(DPOTrainer):
-    def __init__(self, *, model, args: DPOConfig, train_dataset, processing_class, loss: LossConfig, callbacks=None):
+    def __init__(
+        self,
+        *,
+        model,
+        args: DPOConfig,
+        train_dataset,
+        processing_class,
+        loss: LossConfig,
+        packing: str = DEFAULT_PACKING,
+        callbacks=None,
+    ):
         self.loss_cfg = loss
         super().__init__(
             model=model,
@@ -57,7 +69,9 @@ class SeqDPOTrainer(DPOTrainer):
             args=args,
             train_dataset=train_dataset,
             processing_class=processing_class,
-            data_collator=PairCollator(pad_token_id=processing_class.pad_token_id, max_length=args.max_length),
+            data_collator=PairCollator(
+                pad_token_id=processing_class.pad_token_id, max_length=args.max_length, packing=packing
+            ),
             callbacks=callbacks,
         )
         # Handed a PeftModel, TRL copies its adapter into a frozen "ref" adapter. Our reference comes

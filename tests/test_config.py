@@ -111,3 +111,19 @@ def test_r32_is_the_papers_parameter_count():
     with torch.device("meta"):  # shapes only: no 16 GB of weights
         model = get_peft_model(LlamaForCausalLM(shape), make_lora_config(run_config(["lora=r32"]).lora))
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 83_886_080
+
+
+def test_model_packing_composes_is_validated_and_leaves_the_job_identity():
+    assert run_config().model.packing == "shared_prompt"
+    for packing in ("pair", "padded", "shared_prompt"):
+        assert run_config([f"model.packing={packing}"]).model.packing == packing
+    with pytest.raises(ConfigError) as e:
+        run_config(["model.packing=tree"])
+    assert e.value.key == "model.packing" and "not one of" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        run_config(["model.attn_implementation=flash_attention_2"])
+    assert e.value.key == "model.packing" and "use pair" in str(e.value)
+    assert run_config(["model.attn_implementation=flash_attention_2", "model.packing=pair"]).model.packing == "pair"
+    # the layout gives the same log-probs: same directory, same signature
+    assert signature(run_config(["model.packing=padded"])) == signature(run_config())
+    assert compose(["model.packing=pair"], hydra_cfg=True).hydra.run.dir.endswith("runs/default")

@@ -103,6 +103,21 @@ def test_key_changes_with_length_data_and_model(tiny, tmp_path):
     assert len(list(tmp_path.glob("*.npz"))) == 3
 
 
+def test_batch_layout_is_not_in_the_key(tiny, tmp_path):
+    """Every layout gives the same log-probs, so an entry computed under one serves the others."""
+    cfg, model, tok, fp = tiny
+    tds = lp.tokenize_pairs(_ds(7), tok, 32)
+    first = refcache.reference_logps(model, tds, fingerprint=fp, cache_dir=tmp_path, max_length=32, packing="pair")
+    for packing in ("shared_prompt", "padded"):
+        served = refcache.reference_logps(model, tds, fingerprint=fp, cache_dir=tmp_path, max_length=32, packing=packing)
+        np.testing.assert_array_equal(served["chosen_logps"], first["chosen_logps"])
+        with model.disable_adapter():
+            fresh = lp.dataset_logps(model, tds, 4, "fresh", packing=packing, show_progress=False)
+        for k in ("chosen_logps", "rejected_logps"):
+            np.testing.assert_allclose(fresh[k], first[k], rtol=0, atol=1e-4)
+    assert refcache.ref_forward_counts() == {"computed": 7, "cached": 14}
+
+
 def test_corrupt_file_is_a_miss(tiny, tmp_path):
     cfg, model, tok, fp = tiny
     tds = lp.tokenize_pairs(_ds(4), tok, 32)
