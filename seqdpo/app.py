@@ -8,8 +8,10 @@ This is the only module that touches Hydra; everything it calls takes plain data
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
+import time
 import warnings
 from pathlib import Path
 
@@ -19,7 +21,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from seqdpo.config import RunConfig, validate
+from seqdpo.config import ConfigError, RunConfig, signature, validate
+
+log = logging.getLogger("seqdpo")
 
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
 # TRL 1.16 still sets the option name that transformers 5 deprecates: nothing for a user to act on.
@@ -44,20 +48,49 @@ def _dirname(override_dirname: str) -> str:
 OmegaConf.register_new_resolver("seqdpo_dirname", _dirname, replace=True)
 
 
+def _refuse_sweep_without_multirun(hc) -> None:
+    """An experiment's grid (hydra.sweeper.params) only runs with -m; without it the job would silently
+    run the experiment's base settings with the default dataset and order."""
+    axes = hc.sweeper.get("params") or {}
+    if hc.mode != RunMode.MULTIRUN and axes:
+        experiment = hc.runtime.choices.get("experiment")
+        raise ConfigError(
+            "experiment",
+            f"'{experiment}' defines sweep axes ({', '.join(f'{k}={v}' for k, v in axes.items())}); it runs only "
+            f"as a sweep: add -m, e.g. python -m seqdpo -m experiment={experiment}",
+        )
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> dict:
-    run_cfg: RunConfig = OmegaConf.to_object(cfg)
-    validate(run_cfg)
     hc = HydraConfig.get()
-    group = None
-    if hc.mode == RunMode.MULTIRUN:
-        group = os.path.basename(os.path.normpath(hc.sweep.dir))
-    from seqdpo.cluster import export_ddp_env
-    from seqdpo.runner import run_job  # heavy imports (torch, trl) only once the config is valid
+    t0 = time.time()
+    try:
+        _refuse_sweep_without_multirun(hc)
+        run_cfg: RunConfig = OmegaConf.to_object(cfg)
+        validate(run_cfg)
+        group = None
+        if hc.mode == RunMode.MULTIRUN:
+            group = os.path.basename(os.path.normpath(hc.sweep.dir))
+        from seqdpo.cluster import export_ddp_env
+        from seqdpo.joblog import config_summary, log_result, quiet_libraries
+        from seqdpo.runner import run_job  # heavy imports (torch, trl) only once the config is valid
 
-    export_ddp_env()  # SLURM job with tasks_per_node > 1: one DDP rank per task (conf/hydra/launcher/slurm_ddp.yaml)
-
-    return run_job(run_cfg, hc.runtime.output_dir, group=group)
+        export_ddp_env()  # SLURM job with tasks_per_node > 1: one DDP rank per task (conf/hydra/launcher/slurm_ddp.yaml)
+        quiet_libraries()
+        log.info("%s", config_summary(run_cfg, signature(run_cfg), hc.runtime.output_dir))
+        matrix = run_job(run_cfg, hc.runtime.output_dir, group=group)
+        log_result(matrix, hc.runtime.output_dir, time.time() - t0)  # after W&B's footer: the last thing printed
+        return matrix
+    except ConfigError as e:
+        # A user error: one paragraph on the console, the traceback only in seqdpo.log.
+        log.error("%s", e, exc_info=True)
+        if hc.mode == RunMode.RUN:
+            raise SystemExit(1) from None  # Hydra would print the traceback again
+        raise
+    except Exception:
+        log.exception("job failed")  # the traceback into seqdpo.log (Hydra prints it on the console)
+        raise
 
 
 if __name__ == "__main__":

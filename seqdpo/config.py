@@ -8,8 +8,11 @@ a `RunConfig`, which a notebook can build by hand.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
@@ -74,11 +77,14 @@ class OrderConfig:
 @dataclass
 class LoraSettings:
     r: int = 32
-    alpha: int = 64
-    dropout: float = 0.05
+    alpha: Optional[int] = None  # None = 2r, so `lora.r=8` alone keeps the papers' alpha/r = 2
+    dropout: float = 0.05  # active in training unless train.disable_dropout
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
+
+    def effective_alpha(self) -> int:
+        return 2 * self.r if self.alpha is None else self.alpha
 
 
 @dataclass
@@ -109,6 +115,9 @@ class TrainConfig:
     save_steps: int = 50  # mid-stage checkpoint interval (what a requeued job resumes from)
     gradient_checkpointing: bool = False
     bf16: bool = False
+    # TRL's switch (its default is True): sets every torch Dropout of the model, LoRA's included, to p=0
+    # for the whole job. False keeps lora.dropout (and the model's own dropout modules) active in training.
+    disable_dropout: bool = False
 
 
 @dataclass
@@ -163,6 +172,7 @@ REFERENCES = ("base", "previous")
 PARTITIONS = ("none", "random", "easy_to_hard")
 DTYPES = ("float32", "bfloat16", "float16")
 LOGGERS = ("wandb", "none")
+LOGGER_MODES = ("offline", "online", "disabled")
 
 
 def stage_objectives(cfg: RunConfig) -> list[str]:
@@ -195,6 +205,7 @@ def validate(cfg: RunConfig) -> None:
     from seqdpo.data import DATASETS
     from seqdpo.losses import check_loss_config
 
+    _check_known_keys(cfg)
     if cfg.dataset.name not in DATASETS:
         raise ConfigError("dataset.name", f"unknown dataset '{cfg.dataset.name}'; known: {sorted(DATASETS)}")
     if not cfg.dataset.objectives:
@@ -202,25 +213,124 @@ def validate(cfg: RunConfig) -> None:
     if not cfg.order.stages:
         raise ConfigError("order.stages", f"order '{cfg.order.name}' has no stages")
     stage_objectives(cfg)
+    _check_names(cfg)
+    for key, value, rule, ok in _ranges(cfg):
+        if not ok:
+            raise ConfigError(key, f"must be {rule}, got {value!r}")
+    if not cfg.lora.target_modules:
+        raise ConfigError("lora.target_modules", "is empty: name at least one module (e.g. q_proj, v_proj)")
+    if "lm_head" in cfg.lora.target_modules:
+        raise ConfigError("lora.target_modules", "lm_head cannot carry LoRA: log-probs are read from its weight")
+    if len(set(cfg.dataset.objectives)) != len(cfg.dataset.objectives):
+        raise ConfigError("dataset.objectives", f"names an objective twice: {list(cfg.dataset.objectives)}")
+    shape = cfg.model.tiny
+    if shape.hidden_size % shape.num_attention_heads or shape.num_attention_heads % shape.num_key_value_heads:
+        raise ConfigError(
+            "model.tiny", "hidden_size must be a multiple of num_attention_heads, and that of num_key_value_heads"
+        )
+    _check_packing(cfg.model)
+    check_loss_config(cfg.loss, cfg.beta)
+
+
+# numpy's seeds are 32-bit and stage k trains with seed + k
+MAX_SEED = 2**32 - 1 - 10_000
+
+
+def _ranges(cfg: RunConfig) -> list[tuple[str, Any, str, bool]]:
+    """(key, value, rule, holds) for every numeric key: a rule that fails is reported with its key."""
+    t, e, d, m, lo = cfg.train, cfg.eval, cfg.diagnostics, cfg.model, cfg.lora
+
+    def pos(x):
+        return x > 0 and math.isfinite(x)
+
+    def nonneg(x):
+        return x >= 0 and math.isfinite(x)
+
+    return [
+        ("beta", cfg.beta, "> 0", pos(cfg.beta)),
+        ("lr", cfg.lr, "> 0", pos(cfg.lr)),
+        ("seed", cfg.seed, f"between 0 and {MAX_SEED}", 0 <= cfg.seed <= MAX_SEED),
+        ("model.max_length", m.max_length, ">= 2 (prompt and completion tokens)", m.max_length >= 2),
+        *[(f"model.tiny.{k}", v, "> 0", v > 0) for k, v in asdict(m.tiny).items() if k != "init_seed"],
+        ("lora.r", lo.r, "> 0", lo.r > 0),
+        ("lora.alpha", lo.alpha, "> 0, or null for 2r", lo.alpha is None or lo.alpha > 0),
+        ("lora.dropout", lo.dropout, "in [0, 1)", 0 <= lo.dropout < 1),
+        ("train.epochs", t.epochs, "> 0", pos(t.epochs)),
+        ("train.max_steps", t.max_steps, "> 0, or -1 to train train.epochs", t.max_steps == -1 or t.max_steps > 0),
+        ("train.batch_size", t.batch_size, ">= 1", t.batch_size >= 1),
+        ("train.grad_accum", t.grad_accum, ">= 1", t.grad_accum >= 1),
+        # transformers 5 reads a warmup value >= 1 as a number of steps, so a ratio must stay below 1
+        ("train.warmup_ratio", t.warmup_ratio, "in [0, 1)", 0 <= t.warmup_ratio < 1),
+        ("train.weight_decay", t.weight_decay, ">= 0", nonneg(t.weight_decay)),
+        ("train.logging_steps", t.logging_steps, ">= 1", t.logging_steps >= 1),
+        ("train.save_steps", t.save_steps, ">= 1 (checkpoints are what an interrupted stage resumes from)",
+         t.save_steps >= 1),
+        ("eval.batch_size", e.batch_size, ">= 1", e.batch_size >= 1),
+        ("eval.tie_tolerance", e.tie_tolerance, ">= 0", nonneg(e.tie_tolerance)),
+        ("eval.bootstrap", e.bootstrap, ">= 0 (0 = no intervals)", e.bootstrap >= 0),
+        ("diagnostics.grad_cosine_every", d.grad_cosine_every, ">= 0 (0 = stage start only)", d.grad_cosine_every >= 0),
+        ("diagnostics.probe_pairs", d.probe_pairs, ">= 1", d.probe_pairs >= 1),
+        ("diagnostics.stay_threshold", d.stay_threshold, ">= 0", nonneg(d.stay_threshold)),
+        ("diagnostics.redistribution_min_fraction", d.redistribution_min_fraction, "in [0, 0.5] (pairs moving each way)",
+         0 <= d.redistribution_min_fraction <= 0.5),
+    ]
+
+
+def _check_names(cfg: RunConfig) -> None:
+    """Keys whose values are names from a fixed list, TRL's and transformers' included."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.trainer_utils import SchedulerType
+
+    if not cfg.model.name:
+        raise ConfigError("model.name", "is empty: 'tiny', a hub id or a local directory")
     for key, value, allowed in (
         ("reference", cfg.reference, REFERENCES),
         ("order.partition", cfg.order.partition, PARTITIONS),
         ("model.dtype", cfg.model.dtype, DTYPES),
         ("logger.name", cfg.logger.name, LOGGERS),
+        ("logger.mode", cfg.logger.mode, LOGGER_MODES),
+        ("train.lr_scheduler", cfg.train.lr_scheduler, [s.value for s in SchedulerType]),
     ):
         if value not in allowed:
             raise ConfigError(key, f"'{value}' is not one of {list(allowed)}")
-    for key, value in (("beta", cfg.beta), ("lr", cfg.lr), ("train.batch_size", cfg.train.batch_size)):
-        if not value > 0:
-            raise ConfigError(key, f"must be > 0, got {value}")
-    if cfg.eval.bootstrap < 0:
-        raise ConfigError("eval.bootstrap", f"must be >= 0 (0 = no intervals), got {cfg.eval.bootstrap}")
-    if cfg.lora.r <= 0:
-        raise ConfigError("lora.r", f"must be > 0, got {cfg.lora.r}")
-    if "lm_head" in cfg.lora.target_modules:
-        raise ConfigError("lora.target_modules", "lm_head cannot carry LoRA: log-probs are read from its weight")
-    _check_packing(cfg.model)
-    check_loss_config(cfg.loss, cfg.beta)
+    attn = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+    if cfg.model.attn_implementation not in attn and "/" not in cfg.model.attn_implementation:
+        raise ConfigError(
+            "model.attn_implementation",
+            f"'{cfg.model.attn_implementation}' is not one of {attn} (or a hub kernel 'org/repo')",
+        )
+
+
+def _check_known_keys(cfg: RunConfig) -> None:
+    """Refuses keys the schema does not have.
+
+    Hydra applies `+key=value` and `++key=value` with the struct flag lifted, and OmegaConf.to_object
+    then sets such a key as an extra attribute of the dataclass, so a typo added with `+` (which Hydra
+    itself suggests after "Could not override") would otherwise be ignored without a word. Free-form
+    dicts (`dataset.options`, validated by the dataset builders) are not schema and stay open.
+    """
+    known = list(_schema_keys(cfg))
+    for key in _extra_keys(cfg):
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'?" if close else "the keys are listed in README.md (Configuration)"
+        raise ConfigError(key, f"unknown key (added with + or ++?): it would be ignored; {hint}")
+
+
+def _schema_keys(obj, prefix: str = ""):
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        yield prefix + f.name
+        if dataclasses.is_dataclass(value):
+            yield from _schema_keys(value, f"{prefix}{f.name}.")
+
+
+def _extra_keys(obj, prefix: str = ""):
+    names = {f.name for f in dataclasses.fields(obj)}
+    for name, value in vars(obj).items():
+        if name not in names:
+            yield prefix + name
+        elif dataclasses.is_dataclass(value):
+            yield from _extra_keys(value, f"{prefix}{name}.")
 
 
 def _check_packing(model: ModelConfig) -> None:

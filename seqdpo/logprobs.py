@@ -267,7 +267,7 @@ def dataset_logps(
     }
     batches = length_sorted_batches(lengths, batch_size, max_tokens)
     with torch.no_grad(), _eval_mode(model):
-        for idx in tqdm(batches, desc=desc, unit="batch", disable=not show_progress):
+        for idx in tqdm(batches, desc=desc, unit="batch", disable=not show_progress, leave=False):
             res = sequence_logps(model, collator([feats[i] for i in idx]))
             for key in out:
                 out[key][idx] = res[key].detach().cpu().numpy()

@@ -15,7 +15,7 @@ from dataclasses import asdict
 
 import torch
 
-from seqdpo.config import LoraSettings, ModelConfig
+from seqdpo.config import ConfigError, LoraSettings, ModelConfig
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
 # Special tokens delimit every turn, so the tokens of a prompt are always a prefix of the tokens of
@@ -113,13 +113,51 @@ def load_model_and_tokenizer(cfg: ModelConfig):
         return build_tiny_model(cfg, tokenizer), tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.name, revision=cfg.revision)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.name, revision=cfg.revision)
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.name, revision=cfg.revision, dtype=_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation
+        )
+    except OSError as e:  # transformers' not-found, offline, gated and missing-file errors are all OSErrors
+        raise _model_not_found(cfg, e) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.name, revision=cfg.revision, dtype=_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation
-    )
     return model, tokenizer
+
+
+def _model_not_found(cfg: ModelConfig, error: OSError) -> ConfigError:
+    """One paragraph instead of transformers' chained tracebacks: what failed, why, and the way out."""
+    reason = " ".join(str(error).split())
+    if os.path.isdir(cfg.name):
+        where = f"the local directory '{cfg.name}' does not hold a complete model (config, weights, tokenizer)"
+    else:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        where = (
+            f"'{cfg.name}' is not a local directory and, with the hub unreachable"
+            f"{' (HF_HUB_OFFLINE is set)' if offline else ''} or the id unknown there, no copy was found in the cache"
+        )
+    revision = f" at revision '{cfg.revision}'" if cfg.revision else ""
+    return ConfigError(
+        "model.name",
+        f"cannot load model '{cfg.name}'{revision}: {where}. transformers said: {reason} "
+        f"Way out: check the id (and model.revision), or download the model where the hub is reachable "
+        f"(huggingface-cli download {cfg.name} --local-dir <local dir>) and run with model.name=<local dir>.",
+    )
+
+
+def check_target_modules(model, settings: LoraSettings, model_name: str) -> None:
+    """Every entry of lora.target_modules must match a module (PEFT's rule: the name or a dotted suffix of it).
+
+    PEFT itself only complains when no entry matches, so a typo next to valid names would train fewer
+    modules than the config says.
+    """
+    names = [n for n, _ in model.named_modules()]
+    missing = [t for t in settings.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} - {"lm_head"})
+        raise ConfigError(
+            "lora.target_modules", f"{missing} match no module of model '{model_name}'; its linear modules are {linear}"
+        )
 
 
 def model_fingerprint(cfg: ModelConfig, tokenizer) -> str:
@@ -152,7 +190,7 @@ def make_lora_config(settings: LoraSettings):
 
     return LoraConfig(
         r=settings.r,
-        lora_alpha=settings.alpha,
+        lora_alpha=settings.effective_alpha(),
         lora_dropout=settings.dropout,
         target_modules=list(settings.target_modules),
         bias="none",

@@ -85,12 +85,12 @@ def _run_stages(cfg: RunConfig, out: Path, tracker) -> dict:
     from transformers import set_seed
 
     from seqdpo.data import build_objectives
-    from seqdpo.evaluation import evaluate_stage, format_matrix
+    from seqdpo.evaluation import evaluate_stage
+    from seqdpo.joblog import StageClock
     from seqdpo.logprobs import tokenize_pairs
-    from seqdpo.modeling import load_model_and_tokenizer, make_lora_config, model_fingerprint
+    from seqdpo.modeling import check_target_modules, load_model_and_tokenizer, make_lora_config, model_fingerprint
     from seqdpo.refcache import reset_ref_forward_counts
 
-    t0 = time.time()
     reset_ref_forward_counts()  # per job, also when a multirun runs several jobs in one process
     set_seed(cfg.seed)
     stage_objs = C.stage_objectives(cfg)
@@ -104,6 +104,7 @@ def _run_stages(cfg: RunConfig, out: Path, tracker) -> dict:
     eval_tok = {n: tokenize_pairs(o.eval, tok, cfg.model.max_length) for n, o in objectives.items()}
 
     set_seed(cfg.seed)  # the LoRA A init draws from the global RNG
+    check_target_modules(model, cfg.lora, cfg.model.name)
     peft_model = get_peft_model(model, make_lora_config(cfg.lora))
     if is_main_process() and not (out / "adapter_init").exists():
         peft_model.save_pretrained(out / "adapter_init")
@@ -119,8 +120,12 @@ def _run_stages(cfg: RunConfig, out: Path, tracker) -> dict:
             batch_size=cfg.eval.batch_size, tie_tolerance=cfg.eval.tie_tolerance, packing=cfg.model.packing,
         )
 
+    clock = StageClock(stage_names)
     if not (out / "stage_0" / "DONE").exists():
-        _finish_stage(out / "stage_0", evaluate(0), {}, tracker, 0)
+        clock.start(0, "evaluating the base model")
+        pairs = evaluate(0)
+        _finish_stage(out / "stage_0", pairs, {}, tracker, 0)
+        clock.end(0, pairs)
     for k, objective in enumerate(stage_objs, start=1):
         sd = out / f"stage_{k}"
         if (sd / "DONE").exists():
@@ -129,19 +134,19 @@ def _run_stages(cfg: RunConfig, out: Path, tracker) -> dict:
             continue
         _write_status(out, "running", stage=k)
         train_ds = train_sets[k - 1]
+        clock.start(k, f"training on {len(train_ds)} pairs, then evaluating")
         if cfg.reference == "previous":  # sDPO: the model as it stands before this stage is the reference
             train_ds = refs.with_current(train_ds, sd / "train_reference.npz", batch_size=cfg.eval.batch_size)
-        info = _train_stage(cfg, peft_model, tok, train_ds, sd, k, tracker, recorder)
-        _finish_stage(sd, evaluate(k), info, tracker, k)
+        info = _train_stage(cfg, peft_model, tok, train_ds, sd, k, tracker, recorder, label=clock.label(k))
+        pairs = evaluate(k)
+        _finish_stage(sd, pairs, info, tracker, k)
+        clock.end(k, pairs)
 
     if not is_main_process():
         # DDP: only rank 0 writes stage tables, and it may not have written the last one yet (evaluation
         # is not synchronised across ranks), so other ranks stop here instead of reading them.
         return {"stages": stage_names, "rank": int(os.environ.get("RANK", "0"))}
-    matrix = _write_results(cfg, out, tracker, stage_names, list(objectives), refs, recorder)
-    text = "\n\n".join(format_matrix(matrix, m) for m in ("accuracy", "margin_mean"))
-    print(f"\nseqdpo job finished in {time.time() - t0:.0f} s: {out}\n{text}\n", flush=True)
-    return matrix
+    return _write_results(cfg, out, tracker, stage_names, list(objectives), refs, recorder)
 
 
 def _write_results(cfg: RunConfig, out: Path, tracker, stage_names, objectives, refs, recorder) -> dict:
@@ -185,14 +190,14 @@ def _finish_stage(sd: Path, pairs: pd.DataFrame, info: dict, tracker, k: int) ->
     (sd / "DONE").write_text(json.dumps({"finished": time.time(), **metrics, **info}, indent=1, default=float))
 
 
-def _train_stage(cfg, peft_model, tok, train_ds, sd: Path, k: int, tracker, recorder) -> dict:
+def _train_stage(cfg, peft_model, tok, train_ds, sd: Path, k: int, tracker, recorder, *, label: str) -> dict:
     from seqdpo.trainer import SeqDPOTrainer, make_dpo_config
 
     args = make_dpo_config(cfg, str(sd / "checkpoints"), seed=cfg.seed + k)
     callbacks = [tracker.stage_callback(k)] if tracker is not None else []
     trainer = SeqDPOTrainer(
         model=peft_model, args=args, train_dataset=train_ds, processing_class=tok, loss=cfg.loss,
-        packing=cfg.model.packing, callbacks=callbacks,
+        packing=cfg.model.packing, callbacks=callbacks, label=label,
     )
     if recorder is not None:
         recorder.on_stage_start(k, trainer)

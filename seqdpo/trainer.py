@@ -15,12 +15,14 @@ logging); seqdpo replaces three things:
 from __future__ import annotations
 
 import torch
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import DPOConfig, DPOTrainer
 
 from seqdpo.config import LossConfig, RunConfig
 from seqdpo.logprobs import PairCollator, sequence_logps
 from seqdpo.losses import PairLogps, compute_loss
 from seqdpo.packing import DEFAULT_PACKING
+from seqdpo.progress import StageProgress
 
 
 def make_dpo_config(cfg: RunConfig, output_dir: str, *, seed: int) -> DPOConfig:
@@ -47,6 +49,7 @@ def make_dpo_config(cfg: RunConfig, output_dir: str, *, seed: int) -> DPOConfig:
         beta=cfg.beta,
         max_length=cfg.model.max_length,
         dataloader_num_workers=0,
+        disable_dropout=t.disable_dropout,
     )
 
 
@@ -61,6 +64,7 @@ class SeqDPOTrainer(DPOTrainer):
         loss: LossConfig,
         packing: str = DEFAULT_PACKING,
         callbacks=None,
+        label: str = "training",
     ):
         self.loss_cfg = loss
         super().__init__(
@@ -74,6 +78,10 @@ class SeqDPOTrainer(DPOTrainer):
             ),
             callbacks=callbacks,
         )
+        # One labelled bar per stage and compact metric lines in the job log (seqdpo.progress)
+        self.remove_callback(ProgressCallback)
+        self.remove_callback(PrinterCallback)
+        self.add_callback(StageProgress(label))
         # Handed a PeftModel, TRL copies its adapter into a frozen "ref" adapter. Our reference comes
         # precomputed with the data, so the copy would only cost memory and land in checkpoints.
         peft_model = self.accelerator.unwrap_model(self.model)

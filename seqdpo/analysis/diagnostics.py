@@ -98,7 +98,7 @@ class DiagnosticsRecorder:
         self.objectives = list(objectives_tokenized)
         n = int(self.dcfg.probe_pairs)
         self.probes = {name: [ds[i] for i in range(min(n, len(ds)))] for name, ds in objectives_tokenized.items()}
-        self.scaling = float(cfg.lora.alpha) / float(cfg.lora.r)
+        self.scaling = float(cfg.lora.effective_alpha()) / float(cfg.lora.r)
         self._states: dict[int, dict[str, torch.Tensor]] = {}
         self._start_grads: dict[str, dict[str, torch.Tensor]] = {}
         self._trace: list[dict[str, Any]] = []

@@ -1,0 +1,129 @@
+"""What a job says while it runs: the console and `seqdpo.log` (Hydra's job log file).
+
+Everything a job reports goes through the `seqdpo` logger, so the console and the log file hold the
+same lines: the config summary, the pair accounting, each stage's start and end with its duration,
+TRL's training metrics as compact lines, and the result matrices. The console differs in two ways:
+log lines are written through tqdm (a progress bar is redrawn below them instead of being torn), and
+tracebacks stay out of it (Hydra prints a failing job's traceback itself; the file keeps them all).
+
+The console shows one progress bar per training stage (`seqdpo.progress`), labelled "stage 2/2:
+factual" with its ETA; evaluation bars vanish once done; the datasets library's internal bars (Map,
+Filter, Flattening the indices) are switched off and transformers' warnings go to the log instead of
+a handler of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import sys
+import time
+from dataclasses import asdict, fields, is_dataclass
+
+from tqdm.auto import tqdm
+
+log = logging.getLogger("seqdpo")
+
+
+class ConsoleHandler(logging.Handler):
+    """Hydra's console handler (conf/config.yaml, hydra.job_logging), written through tqdm, without tracebacks."""
+
+    def __init__(self, stream=None):
+        super().__init__()
+        self.stream = stream or sys.stdout
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            bare = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None, "stack_info": None})
+            tqdm.write(self.format(bare), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
+def quiet_libraries() -> None:
+    """Library output a user cannot act on, off; library warnings into the job log."""
+    import datasets
+    import transformers
+    import transformers.utils.logging
+
+    datasets.disable_progress_bars()  # Map / Filter / Flattening bars of internal dataset operations
+    transformers.utils.logging.disable_default_handler()
+    transformers.utils.logging.enable_propagation()
+    datasets_logger = logging.getLogger("datasets")
+    for handler in list(datasets_logger.handlers):
+        datasets_logger.removeHandler(handler)
+    datasets_logger.propagate = True
+    # transformers' W&B integration prints "[INFO] Running in WANDB offline mode" when it is first
+    # imported (TRL imports it): import it here with that print swallowed.
+    with contextlib.redirect_stdout(io.StringIO()):
+        import transformers.integrations.integration_utils  # noqa: F401
+
+
+def config_summary(cfg, signature: str, out_dir: str) -> str:
+    """Every resolved key, one line per group (the full config is also in <out>/config.yaml)."""
+    top, groups = [], []
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if is_dataclass(value):
+            line = f"  {f.name}: " + " ".join(f"{k}={v}" for k, v in _flat(asdict(value)))
+            if f.name == "lora" and value.alpha is None:
+                line = line.replace("alpha=None", f"alpha=None (2r = {value.effective_alpha()})")
+            groups.append(line)
+        else:
+            top.append(f"{f.name}={value}")
+    return "\n".join([f"job {out_dir} (config signature {signature})", "  " + " ".join(top), *groups])
+
+
+def _flat(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            yield from _flat(v, f"{prefix}{k}.")
+        else:
+            yield prefix + k, v
+
+
+class StageClock:
+    """Start and end of each stage in the log, with durations: `stage 1/2: polite`."""
+
+    def __init__(self, stage_names: list[str]):
+        self.names = stage_names
+        self.started: dict[int, float] = {}
+
+    def label(self, k: int) -> str:
+        return f"stage {k}/{len(self.names) - 1}: {self.names[k]}"
+
+    def start(self, k: int, what: str) -> None:
+        self.started[k] = time.time()
+        log.info("%s started (%s)", self.label(k), what)
+
+    def end(self, k: int, pairs) -> None:
+        accuracy = ", ".join(f"{o} {a:.3f}" for o, a in pairs.groupby("objective").accuracy.mean().items())
+        log.info("%s finished in %s: accuracy %s", self.label(k), _duration(time.time() - self.started[k]), accuracy)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, s = divmod(round(seconds), 60)
+    return f"{minutes} min {s} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
+
+
+def log_result(matrix: dict, out_dir: str, seconds: float) -> None:
+    """The result matrices, last (a job calls it after closing W&B, whose footer would bury them)."""
+    from seqdpo.evaluation import format_matrix
+
+    if "metrics" not in matrix:  # a DDP rank other than 0 has no results
+        return
+    text = "\n\n".join(format_matrix(matrix, m) for m in ("accuracy", "margin_mean"))
+    log.info("seqdpo job finished in %s: %s\n%s", _duration(seconds), out_dir, text)
+
+
+def format_metrics(logs: dict) -> str:
+    """TRL's log dict as one compact line: `loss 0.6919  grad_norm 1.88  rewards/margins 0.00247`."""
+    parts = []
+    for k, v in logs.items():
+        if k == "total_flos":
+            continue
+        parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+    return "  ".join(parts)

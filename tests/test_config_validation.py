@@ -1,0 +1,88 @@
+"""Every key with a wrong value fails before any work, with a ConfigError naming the key (composed by Hydra)."""
+
+import pytest
+
+from conftest import run_config
+from seqdpo.config import ConfigError, _schema_keys
+
+# (override, key named by the error, words of the message). One row per key that a type cannot guard.
+BAD_VALUES = [
+    ("eval.batch_size=0", "eval.batch_size", ">= 1"),
+    ("eval.tie_tolerance=-0.1", "eval.tie_tolerance", ">= 0"),
+    ("eval.bootstrap=-1", "eval.bootstrap", ">= 0"),
+    ("train.save_steps=0", "train.save_steps", ">= 1"),
+    ("train.grad_accum=0", "train.grad_accum", ">= 1"),
+    ("train.lr_scheduler=cosin", "train.lr_scheduler", "'cosine'"),
+    ("train.epochs=0", "train.epochs", "> 0"),
+    ("train.epochs=nan", "train.epochs", "> 0"),
+    ("train.max_steps=0", "train.max_steps", "-1"),
+    ("train.max_steps=-5", "train.max_steps", "-1"),
+    ("train.batch_size=0", "train.batch_size", ">= 1"),
+    ("train.warmup_ratio=1.0", "train.warmup_ratio", "[0, 1)"),
+    ("train.warmup_ratio=-0.1", "train.warmup_ratio", "[0, 1)"),
+    ("train.logging_steps=0", "train.logging_steps", ">= 1"),
+    ("train.weight_decay=-1", "train.weight_decay", ">= 0"),
+    ("lora.r=0", "lora.r", "> 0"),
+    ("lora.alpha=0", "lora.alpha", "null for 2r"),
+    ("lora.dropout=1.0", "lora.dropout", "[0, 1)"),
+    ("lora.dropout=-0.1", "lora.dropout", "[0, 1)"),
+    ("lora.target_modules=[]", "lora.target_modules", "empty"),
+    ("lora.target_modules=[q_proj,lm_head]", "lora.target_modules", "lm_head"),
+    ("model.max_length=0", "model.max_length", ">= 2"),
+    ("model.name=''", "model.name", "empty"),
+    ("model.attn_implementation=fast", "model.attn_implementation", "'sdpa'"),
+    ("model.dtype=float8", "model.dtype", "not one of"),
+    ("model.packing=zip", "model.packing", "not one of"),
+    ("model.tiny.hidden_size=0", "model.tiny.hidden_size", "> 0"),
+    ("model.tiny.intermediate_size=0", "model.tiny.intermediate_size", "> 0"),
+    ("model.tiny.num_hidden_layers=0", "model.tiny.num_hidden_layers", "> 0"),
+    ("model.tiny.num_attention_heads=0", "model.tiny.num_attention_heads", "> 0"),
+    ("model.tiny.num_key_value_heads=-1", "model.tiny.num_key_value_heads", "> 0"),
+    ("model.tiny.vocab_size=0", "model.tiny.vocab_size", "> 0"),
+    ("model.tiny.num_attention_heads=3", "model.tiny", "multiple of num_attention_heads"),
+    ("diagnostics.grad_cosine_every=-1", "diagnostics.grad_cosine_every", ">= 0"),
+    ("diagnostics.probe_pairs=0", "diagnostics.probe_pairs", ">= 1"),
+    ("diagnostics.stay_threshold=-1", "diagnostics.stay_threshold", ">= 0"),
+    ("diagnostics.redistribution_min_fraction=0.8", "diagnostics.redistribution_min_fraction", "[0, 0.5]"),
+    ("seed=-1", "seed", "between 0 and"),
+    ("beta=0", "beta", "> 0"),
+    ("lr=-1e-5", "lr", "> 0"),
+    ("reference=latest", "reference", "not one of"),
+    ("order.partition=sorted", "order.partition", "not one of"),
+    ("logger.name=tensorboard", "logger.name", "not one of"),
+    ("logger.mode=cloud", "logger.mode", "not one of"),
+    ("dataset.objectives=[polite,polite]", "dataset.objectives", "twice"),
+    # Added with + (what Hydra suggests after a typo): refused with the nearest real key.
+    ("+train.batch_sise=4", "train.batch_sise", "did you mean 'train.batch_size'"),
+    ("++eval.tie_tolerence=0.1", "eval.tie_tolerence", "did you mean 'eval.tie_tolerance'"),
+    ("+sed=3", "sed", "did you mean 'seed'"),
+    ("+lora.rank=8", "lora.rank", "unknown key"),
+]
+
+
+@pytest.mark.parametrize("override,key,words", BAD_VALUES, ids=[row[0] for row in BAD_VALUES])
+def test_bad_value_names_the_key(override, key, words):
+    with pytest.raises(ConfigError) as e:
+        run_config([override])
+    assert e.value.key == key and words in str(e.value), str(e.value)
+
+
+def test_the_defaults_and_builder_options_pass():
+    # dataset.options is the builders' own (they validate it), so keys added there are not refused.
+    assert run_config(["++dataset.options.markers=2"]).dataset.options["markers"] == 2
+
+
+def test_every_numeric_and_name_key_has_a_bad_value_row():
+    """A new key with a range or a list of names must get a row in BAD_VALUES."""
+    free = {  # keys whose every typed value is valid, or that only the dataset builders can judge
+        "model", "dataset", "order", "lora", "loss", "logger", "train", "eval", "diagnostics", "model.tiny",
+        "model.revision", "model.tiny.init_seed", "dataset.name", "dataset.path", "dataset.revision",
+        "dataset.n_train", "dataset.n_eval", "dataset.options", "order.name", "order.stages", "logger.project",
+        "logger.entity", "logger.group", "logger.tags", "train.gradient_checkpointing", "train.bf16",
+        "train.disable_dropout", "diagnostics.grad_cosine", "diagnostics.adapter_movement",
+        "diagnostics.likelihood", "ref_cache_dir",
+    }
+    loss_keys = {k for k in _schema_keys(run_config()) if k.startswith("loss.")}  # tests/test_losses.py
+    tested = {row[1] for row in BAD_VALUES}
+    assert set(_schema_keys(run_config())) - free - loss_keys - tested == set()
+

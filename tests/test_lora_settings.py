@@ -1,0 +1,46 @@
+"""The LoRA the config describes is the LoRA that trains: alpha follows r, dropout is active in training."""
+
+import pytest
+import torch
+
+from conftest import SMALL_JOB, run_config
+
+
+def test_lora_alpha_follows_r_unless_set():
+    from seqdpo.modeling import make_lora_config
+
+    assert make_lora_config(run_config(["lora.r=8"]).lora).lora_alpha == 16
+    assert make_lora_config(run_config(["lora=r64"]).lora).lora_alpha == 128
+    assert make_lora_config(run_config(["lora.r=8", "lora.alpha=32"]).lora).lora_alpha == 32
+    assert make_lora_config(run_config().lora).lora_alpha == 64
+
+
+def test_disable_dropout_reaches_trl(tmp_path):
+    from seqdpo.trainer import make_dpo_config
+
+    assert make_dpo_config(run_config(), str(tmp_path), seed=0).disable_dropout is False
+    assert make_dpo_config(run_config(["train.disable_dropout=true"]), str(tmp_path), seed=0).disable_dropout is True
+
+
+@pytest.mark.slow
+def test_lora_dropout_is_active_in_training(tmp_path):
+    """Every Dropout call of a real one-stage job is recorded: training forwards use lora.dropout, evaluation none."""
+    from seqdpo.runner import run_job
+
+    calls = []
+
+    def record(module, args):
+        if isinstance(module, torch.nn.Dropout):
+            calls.append((module.training, module.p))
+
+    cfg = run_config([*SMALL_JOB, "order=a", "train.max_steps=2", "logger=none", "lora.dropout=0.2",
+                      "diagnostics.grad_cosine=false", "diagnostics.likelihood=false",
+                      "diagnostics.adapter_movement=false", f"ref_cache_dir={tmp_path / 'refcache'}"])
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        run_job(cfg, str(tmp_path / "run"))
+    finally:
+        handle.remove()
+    in_training = {p for training, p in calls if training}
+    assert in_training == {0.2}, in_training  # TRL's disable_dropout=True default would make this {0}
+    assert any(not training for training, _ in calls)  # evaluation runs the same modules in eval mode
