@@ -54,6 +54,7 @@ def quiet_libraries() -> None:
     for handler in list(datasets_logger.handlers):
         datasets_logger.removeHandler(handler)
     datasets_logger.propagate = True
+    logging.captureWarnings(True)  # Python warnings into the job log too, not only onto stderr
     # transformers' W&B integration prints "[INFO] Running in WANDB offline mode" when it is first
     # imported (TRL imports it): import it here with that print swallowed.
     with contextlib.redirect_stdout(io.StringIO()):

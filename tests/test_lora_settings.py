@@ -44,3 +44,17 @@ def test_lora_dropout_is_active_in_training(tmp_path):
     in_training = {p for training, p in calls if training}
     assert in_training == {0.2}, in_training  # TRL's disable_dropout=True default would make this {0}
     assert any(not training for training, _ in calls)  # evaluation runs the same modules in eval mode
+
+
+def test_target_module_matching_nothing_fails_right_after_loading(tmp_path):
+    """PEFT only complains when no entry matches; one typo next to valid names would train less than configured."""
+    from seqdpo.config import ConfigError
+    from seqdpo.runner import run_job
+
+    cfg = run_config([*SMALL_JOB, "logger=none", "lora.target_modules=[q_proj,v_prj]",
+                      f"ref_cache_dir={tmp_path / 'refcache'}"])
+    with pytest.raises(ConfigError) as e:
+        run_job(cfg, str(tmp_path / "run"))
+    assert e.value.key == "lora.target_modules" and "['v_prj'] match no module of model 'tiny'" in str(e.value)
+    assert "'v_proj'" in str(e.value)  # the names that would match are listed
+    assert not (tmp_path / "run" / "stage_0").exists()  # before any evaluation or training
