@@ -156,6 +156,8 @@ def test_pairs_missing_at_a_stage_are_dropped_and_counted():
     pairs = pairs.drop(index=pairs[(pairs.stage == 1) & (pairs.pair_id == "a-003")].index)
     iv = I.job_intervals(pairs, matrix, n_boot=20, seed=0)["intervals"]
     assert iv["n_pairs"] == {"a": 19} and iv["n_dropped"] == {"a": 1}
+    boot = I.bootstrap(pairs, matrix, n_boot=5, seed=0)
+    assert I.dropped_message(boot) == "intervals leave out 1 pair(s) of a missing at some stage"
 
 
 def test_seed_interval_and_pool():

@@ -24,6 +24,7 @@ fractions those of pairs.py (thresholds tau held at their point values) on every
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -254,12 +255,20 @@ def to_json(boot: Bootstrap, level: float = LEVEL) -> dict[str, Any]:
     return out
 
 
+def dropped_message(boot: Bootstrap) -> str | None:
+    """What the resampling left out (pairs not scored at every stage), or None."""
+    parts = [f"{n} pair(s) of {obj}" for obj, n in boot.n_dropped.items() if n]
+    return "intervals leave out " + ", ".join(parts) + " missing at some stage" if parts else None
+
+
 def job_intervals(pairs: pd.DataFrame, matrix: dict, *, n_boot: int, seed: int, stay_threshold: float = 0.1,
                   tie_tolerance: float = 0.0) -> dict[str, Any]:
     """{"intervals": ..., "verdicts": ...} for matrix.json (empty when n_boot is 0: intervals switched off)."""
     if not n_boot:
         return {}
     boot = bootstrap(pairs, matrix, n_boot=n_boot, seed=seed, stay_threshold=stay_threshold, tie_tolerance=tie_tolerance)
+    if dropped_message(boot):
+        logging.getLogger("seqdpo").warning(dropped_message(boot))
     return {"intervals": to_json(boot), "verdicts": verdicts(boot)}
 
 

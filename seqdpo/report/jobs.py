@@ -178,19 +178,23 @@ def job_bootstrap(job: Job, seed: int | None = None):
     """The job's paired bootstrap, as the runner made matrix.json's intervals (same replicates: the run's
     seed) unless `seed` is given; recomputed here for unfinished jobs, jobs that predate intervals, and
     the pooling of seeds."""
-    from seqdpo.analysis.intervals import bootstrap
+    from seqdpo.analysis.intervals import bootstrap, dropped_message
 
     cfg = job.config
     n_boot = int((cfg.get("eval") or {}).get("bootstrap", 1000))
     if not n_boot:
         return None
     try:
-        return bootstrap(job.pairs, job.matrix, n_boot=n_boot, seed=int(cfg.get("seed") or 0) if seed is None else seed,
+        boot = bootstrap(job.pairs, job.matrix, n_boot=n_boot, seed=int(cfg.get("seed") or 0) if seed is None else seed,
                          stay_threshold=float((cfg.get("diagnostics") or {}).get("stay_threshold", 0.1)),
                          tie_tolerance=float((cfg.get("eval") or {}).get("tie_tolerance", 0.0)))
     except Exception as e:  # noqa: BLE001 - one broken job must not stop the report
         job.problems.append(f"intervals failed: {type(e).__name__}: {e}")
         return None
+    note = dropped_message(boot)
+    if note and seed is None:
+        job.problems.append(note)
+    return boot
 
 
 # ------------------------------------------------------------------------------------------- tables
