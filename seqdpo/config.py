@@ -38,6 +38,11 @@ class TinyModelShape:
     num_key_value_heads: int = 4
     vocab_size: int = 1024  # BPE vocabulary trained locally on the embedded corpus
     init_seed: int = 0  # fixed apart from the run seed: the base model is an artifact, like a hub checkpoint
+    # SFT warm start on responses of the synthetic world's format (seqdpo/behaviour/warmstart.py), so the
+    # random model generates well-formed responses; conf/model/tiny.yaml turns it on with eval.generate.
+    warm_start: bool = False
+    warm_start_steps: int = 300
+    warm_start_lr: float = 3e-3
 
 
 @dataclass
@@ -121,10 +126,42 @@ class TrainConfig:
 
 
 @dataclass
+class GenerationSettings:
+    prompts: int = 32  # K held-out prompts per objective (eval split, seeded choice)
+    samples: int = 4  # N sampled responses per prompt
+    greedy: bool = False  # also one greedy response per prompt (sample index -1)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 48
+    batch_size: int = 64  # sequences per generate call
+    seed: Optional[int] = None  # prompt choice and sampling; None = the run seed
+    backend: str = "auto"  # auto (vLLM on a GPU when installed, else transformers) | transformers | vllm
+
+
+@dataclass
+class ScorerConfig:
+    """How generations are scored, one registry (seqdpo/behaviour/scorers.py SCORERS)."""
+
+    name: str = "oracle"  # oracle | reward_model | trained_rm | implicit
+    # reward_model: objective -> hub id or local directory of a sequence-classification model
+    models: dict[str, str] = field(default_factory=dict)
+    revision: Optional[str] = None  # reward_model: hub revision for every model
+    batch_size: int = 32
+    max_length: int = 512
+    # trained_rm: the architecture (None = the policy's base model, with a fresh scalar head)
+    base_model: Optional[str] = None
+    epochs: float = 3.0
+    lr: float = 1e-3
+    train_batch_size: int = 16
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = 16
     tie_tolerance: float = 1e-6  # |margin| at or below this counts as a tie (accuracy 0.5)
     bootstrap: int = 1000  # paired bootstrap replicates for 95% intervals and verdicts (0 = none); seeded by `seed`
+    generate: bool = False  # behaviour: generate after every stage and score it (seqdpo/behaviour)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
 
 
 @dataclass
@@ -161,6 +198,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
     beta: float = 0.3
     lr: float = 5e-5
     seed: int = 0
@@ -230,6 +268,10 @@ def validate(cfg: RunConfig) -> None:
         )
     _check_packing(cfg.model)
     check_loss_config(cfg.loss, cfg.beta)
+    if cfg.eval.generate or cfg.model.tiny.warm_start:
+        from seqdpo.behaviour.settings import check_behaviour_config
+
+        check_behaviour_config(cfg)
 
 
 # numpy's seeds are 32-bit and stage k trains with seed + k

@@ -106,11 +106,24 @@ def build_tiny_model(cfg: ModelConfig, tokenizer):
         return LlamaForCausalLM._from_config(config, dtype=_dtype(cfg.dtype))
 
 
-def load_model_and_tokenizer(cfg: ModelConfig):
-    """Returns (model, tokenizer) for `cfg`; the model is the frozen base, without adapter."""
+def load_model_and_tokenizer(cfg: ModelConfig, cache_dir: str | None = None):
+    """Returns (model, tokenizer) for `cfg`; the model is the frozen base, without adapter.
+
+    `cache_dir` holds the tiny model's warm-started weights (`model.tiny.warm_start`); None = the
+    reference cache's default directory.
+    """
     if cfg.name == "tiny":
         tokenizer = build_tiny_tokenizer(cfg.tiny.vocab_size)
-        return build_tiny_model(cfg, tokenizer), tokenizer
+        model = build_tiny_model(cfg, tokenizer)
+        if cfg.tiny.warm_start:
+            from seqdpo.behaviour.warmstart import apply_warm_start
+            from seqdpo.refcache import DEFAULT_CACHE_DIR
+
+            apply_warm_start(
+                model, tokenizer, fingerprint=model_fingerprint(cfg, tokenizer), steps=cfg.tiny.warm_start_steps,
+                lr=cfg.tiny.warm_start_lr, cache_dir=cache_dir or DEFAULT_CACHE_DIR,
+            )
+        return model, tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -163,7 +176,7 @@ def check_target_modules(model, settings: LoraSettings, model_name: str) -> None
 def model_fingerprint(cfg: ModelConfig, tokenizer) -> str:
     """Cheap identity of the base model + tokenizer, for caches: never hashes the weights.
 
-    tiny: its shape and init seed (the weights follow from them); hub: id and revision; local
+    tiny: its shape, init seed and warm-start settings (the weights follow from them); hub: id and revision; local
     directory: path plus size and mtime of its files.
     """
     if cfg.name == "tiny":

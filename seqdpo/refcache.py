@@ -115,12 +115,14 @@ def _load(path: Path) -> dict[str, np.ndarray] | None:
         return None
 
 
-def _atomic_save(path: Path, arrays: dict[str, np.ndarray]) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Calls `write(binary file)` on a temporary file beside `path`, fsyncs it, then renames it onto `path`:
+    readers see no file or a whole one, and concurrent writers of the same content are harmless."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -128,6 +130,10 @@ def _atomic_save(path: Path, arrays: dict[str, np.ndarray]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _atomic_save(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def _reorder(entry: dict[str, np.ndarray], digests: np.ndarray) -> dict[str, np.ndarray] | None:

@@ -95,7 +95,7 @@ def _run_stages(cfg: RunConfig, out: Path, tracker) -> dict:
     set_seed(cfg.seed)
     stage_objs = C.stage_objectives(cfg)
     stage_names = ["base", *stage_objs]
-    model, tok = load_model_and_tokenizer(cfg.model)
+    model, tok = load_model_and_tokenizer(cfg.model, cfg.ref_cache_dir)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     objectives = build_objectives(cfg.dataset, cfg.seed)
     for name, obj in objectives.items():
@@ -109,10 +109,15 @@ def _run_stages(cfg: RunConfig, out: Path, tracker) -> dict:
     if is_main_process() and not (out / "adapter_init").exists():
         peft_model.save_pretrained(out / "adapter_init")
 
-    refs = _ReferenceSource(cfg, peft_model, model_fingerprint(cfg.model, tok))
+    fingerprint = model_fingerprint(cfg.model, tok)
+    refs = _ReferenceSource(cfg, peft_model, fingerprint)
     eval_tok = {n: refs.with_base(ds, batch_size=cfg.eval.batch_size) for n, ds in eval_tok.items()}
     train_sets = _stage_train_sets(cfg, stage_objs, train_tok, refs)
     recorder = _diagnostics_recorder(cfg, out, eval_tok)
+    behaviour = _behaviour_eval(cfg, out, tok, objectives, peft_model, fingerprint, tracker)
+
+    def behave(stage: int, sd: Path) -> dict:  # generation and scoring, written before the stage's DONE
+        return behaviour.on_stage(stage, sd) if behaviour is not None and is_main_process() else {}
 
     def evaluate(stage: int):
         return evaluate_stage(
@@ -124,7 +129,7 @@ def _run_stages(cfg: RunConfig, out: Path, tracker) -> dict:
     if not (out / "stage_0" / "DONE").exists():
         clock.start(0, "evaluating the base model")
         pairs = evaluate(0)
-        _finish_stage(out / "stage_0", pairs, {}, tracker, 0)
+        _finish_stage(out / "stage_0", pairs, behave(0, out / "stage_0"), tracker, 0)
         clock.end(0, pairs)
     for k, objective in enumerate(stage_objs, start=1):
         sd = out / f"stage_{k}"
@@ -139,17 +144,17 @@ def _run_stages(cfg: RunConfig, out: Path, tracker) -> dict:
             train_ds = refs.with_current(train_ds, sd / "train_reference.npz", batch_size=cfg.eval.batch_size)
         info = _train_stage(cfg, peft_model, tok, train_ds, sd, k, tracker, recorder, label=clock.label(k))
         pairs = evaluate(k)
-        _finish_stage(sd, pairs, info, tracker, k)
+        _finish_stage(sd, pairs, {**info, **behave(k, sd)}, tracker, k)
         clock.end(k, pairs)
 
     if not is_main_process():
         # DDP: only rank 0 writes stage tables, and it may not have written the last one yet (evaluation
         # is not synchronised across ranks), so other ranks stop here instead of reading them.
         return {"stages": stage_names, "rank": int(os.environ.get("RANK", "0"))}
-    return _write_results(cfg, out, tracker, stage_names, list(objectives), refs, recorder)
+    return _write_results(cfg, out, tracker, stage_names, list(objectives), refs, recorder, behaviour)
 
 
-def _write_results(cfg: RunConfig, out: Path, tracker, stage_names, objectives, refs, recorder) -> dict:
+def _write_results(cfg: RunConfig, out: Path, tracker, stage_names, objectives, refs, recorder, behaviour=None) -> dict:
     """The job-level files (pairs.parquet, matrix.json, diagnostics.json) and their W&B counterparts."""
     from seqdpo.analysis.intervals import job_intervals
     from seqdpo.evaluation import summarize
@@ -159,6 +164,8 @@ def _write_results(cfg: RunConfig, out: Path, tracker, stage_names, objectives, 
     matrix.update(job_intervals(pairs, matrix, n_boot=cfg.eval.bootstrap, seed=cfg.seed,
                                 stay_threshold=cfg.diagnostics.stay_threshold, tie_tolerance=cfg.eval.tie_tolerance))
     matrix["reference_forwards"] = refs.counter()
+    if behaviour is not None:
+        matrix["behaviour"] = behaviour.summary(stage_names)
     pairs.to_parquet(out / "pairs.parquet", index=False)
     (out / "matrix.json").write_text(json.dumps(matrix, indent=1))
     job_diag = recorder.finalize(pairs, matrix) if recorder is not None else None
@@ -173,6 +180,8 @@ def _write_results(cfg: RunConfig, out: Path, tracker, stage_names, objectives, 
         if job_diag is not None:
             tracker.log_tables(report_tables(job_diag))
         tracker.log_images(job_plots(out))
+        if behaviour is not None:
+            behaviour.log_job(matrix["behaviour"], stage_names)
     return matrix
 
 
@@ -193,6 +202,10 @@ def _finish_stage(sd: Path, pairs: pd.DataFrame, info: dict, tracker, k: int) ->
 def _train_stage(cfg, peft_model, tok, train_ds, sd: Path, k: int, tracker, recorder, *, label: str) -> dict:
     from seqdpo.trainer import SeqDPOTrainer, make_dpo_config
 
+    if (sd / "trained.json").exists():  # stopped after training (in evaluation or generation): keep the adapter
+        _load_adapter(peft_model, sd / "adapter")
+        log.info("stage %d was trained earlier: adapter reloaded from %s", k, sd / "adapter")
+        return json.loads((sd / "trained.json").read_text())
     args = make_dpo_config(cfg, str(sd / "checkpoints"), seed=cfg.seed + k)
     callbacks = [tracker.stage_callback(k)] if tracker is not None else []
     trainer = SeqDPOTrainer(
@@ -222,6 +235,8 @@ def _train_stage(cfg, peft_model, tok, train_ds, sd: Path, k: int, tracker, reco
     # The adapter in stage_<k>/adapter is what later stages resume from; checkpoints are only for
     # an interrupted stage and are large on real models.
     shutil.rmtree(sd / "checkpoints", ignore_errors=True)
+    if is_main_process():
+        (sd / "trained.json").write_text(json.dumps(info, default=float))
     return info
 
 
@@ -306,6 +321,16 @@ def _diagnostics_recorder(cfg: RunConfig, out: Path, eval_tok: dict):
     from seqdpo.analysis.diagnostics import DiagnosticsRecorder
 
     return DiagnosticsRecorder(cfg, out, eval_tok)
+
+
+def _behaviour_eval(cfg: RunConfig, out: Path, tok, objectives, peft_model, fingerprint: str, tracker):
+    if not cfg.eval.generate:
+        return None
+    from seqdpo.behaviour.generate import reset_base_generation_counts
+    from seqdpo.behaviour.stage import BehaviourEval
+
+    reset_base_generation_counts()
+    return BehaviourEval(cfg, out, tok, objectives, peft_model, fingerprint, tracker)
 
 
 def _write_status(out: Path, state: str, *, stage, error: str | None = None, trace: str | None = None) -> None:

@@ -8,7 +8,7 @@ from omegaconf.errors import ValidationError
 from conftest import CONF, compose, run_config
 from seqdpo.config import ConfigError, signature
 
-GROUPS = ["model", "dataset", "order", "lora", "loss", "logger"]
+GROUPS = ["model", "dataset", "order", "lora", "loss", "logger", "scorer"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 
 
@@ -30,8 +30,11 @@ def test_every_option_composes(group, option):
             extra = ["dataset=helpsteer2", "dataset.objectives=[helpfulness,correctness,coherence,complexity]"]
     cfg = run_config([f"{group}={option}", *extra])
     node = asdict(getattr(cfg, group))
-    written = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml"))
+    written = OmegaConf.load(CONF / group / f"{option}.yaml")
     written.pop("defaults", None)
+    # An interpolation in a group file (model.tiny.warm_start: ${eval.generate}) refers to the whole config.
+    root = {**OmegaConf.to_container(compose([f"{group}={option}", *extra])), group: written}
+    written = OmegaConf.to_container(OmegaConf.create(root), resolve=True)[group]
     # Every key the file sets reached the typed node unchanged.
     assert {k: node[k] for k in written} == written
 
@@ -81,6 +84,17 @@ def test_unknown_group_option_fails():
         (["beta=0"], "beta", "must be > 0"),
         (["lora.target_modules=[q_proj,lm_head]"], "lora.target_modules", "lm_head"),
         (["loss.name=nope"], "loss.name", "nope"),
+        (["eval.generate=true", "scorer=reward_model", "++scorer.models={polite:x}"], "scorer.models", "missing ['factual']"),
+        (["eval.generate=true", "scorer.name=nope"], "scorer.name", "unknown scorer 'nope'"),
+        (["eval.generate=true", "dataset=hh_rlhf"], "scorer.name", "reads the synthetic world"),
+        (["eval.generate=true", "eval.generation.backend=nope"], "eval.generation.backend", "not one of"),
+        (["eval.generate=true", "eval.generation.prompts=0"], "eval.generation.prompts", "must be >= 1"),
+        (["eval.generate=true", "eval.generation.samples=0"], "eval.generation.samples", "generate nothing"),
+        (["eval.generate=true", "eval.generation.top_p=0"], "eval.generation.temperature", "top_p in (0, 1]"),
+        (["eval.generate=true", "scorer=trained_rm", "scorer.lr=0"], "scorer.epochs", "lr > 0"),
+        (["eval.generate=true", "scorer.batch_size=0"], "scorer.batch_size", "must be >= 1"),
+        (["model=llama31_8b_instruct", "model.tiny.warm_start=true"], "model.tiny.warm_start", "tiny model only"),
+        (["model.tiny.warm_start=true", "model.tiny.warm_start_steps=0"], "model.tiny.warm_start_steps", "steps >= 1"),
     ],
 )
 def test_bad_config_names_the_key(overrides, key, words):
@@ -127,3 +141,29 @@ def test_model_packing_composes_is_validated_and_leaves_the_job_identity():
     # the layout gives the same log-probs: same directory, same signature
     assert signature(run_config(["model.packing=padded"])) == signature(run_config())
     assert compose(["model.packing=pair"], hydra_cfg=True).hydra.run.dir.endswith("runs/default")
+
+
+def test_generation_turns_the_warm_start_on_and_changes_the_job():
+    from seqdpo.modeling import build_tiny_tokenizer, model_fingerprint
+
+    off, on = run_config(), run_config(["eval.generate=true"])
+    assert (off.eval.generate, off.model.tiny.warm_start) == (False, False)
+    assert (on.eval.generate, on.model.tiny.warm_start) == (True, True)
+    assert not run_config(["eval.generate=true", "model.tiny.warm_start=false"]).model.tiny.warm_start
+    # The warm start changes the base model: its fingerprint (reference and generation caches) and the signature.
+    tok = build_tiny_tokenizer(on.model.tiny.vocab_size)
+    warm = run_config(["model.tiny.warm_start=true"])
+    assert model_fingerprint(warm.model, tok) != model_fingerprint(off.model, tok)
+    assert signature(warm) != signature(off)
+    opts = run_config(["eval.generate=true", "scorer=trained_rm", "eval.generation.samples=2", "eval.generation.greedy=true",
+                       "eval.generation.temperature=0.7", "eval.generation.top_p=0.9", "eval.generation.max_new_tokens=20",
+                       "eval.generation.batch_size=8", "eval.generation.seed=5", "eval.generation.backend=transformers",
+                       "eval.generation.prompts=8", "scorer.base_model=some/model",
+                       "scorer.epochs=1", "scorer.train_batch_size=4", "scorer.max_length=64",
+                       "model.tiny.warm_start_steps=10", "model.tiny.warm_start_lr=0.01"])
+    g = opts.eval.generation
+    assert (g.samples, g.greedy, g.temperature, g.top_p, g.max_new_tokens, g.batch_size, g.seed, g.backend,
+            g.prompts) == (2, True, 0.7, 0.9, 20, 8, 5, "transformers", 8)
+    assert (opts.scorer.name, opts.scorer.base_model, opts.scorer.epochs, opts.scorer.train_batch_size,
+            opts.scorer.max_length) == ("trained_rm", "some/model", 1.0, 4, 64)
+    assert (opts.model.tiny.warm_start_steps, opts.model.tiny.warm_start_lr) == (10, 0.01)

@@ -1,0 +1,143 @@
+"""The runner's behaviour hook: generate, score and summarise after every stage.
+
+    behaviour = BehaviourEval(cfg, out_dir, tok, objectives, peft_model, fingerprint, tracker)
+    info = behaviour.on_stage(k, stage_dir)        # before the stage's DONE; returns its timings
+    block = behaviour.summary(stage_names)         # matrix.json["behaviour"]
+
+A stage directory gets `generations.parquet` (generate.COLUMNS) and `scores.parquet` (objective,
+prompt_id, sample, score), both before DONE. A rerun of a stage stopped midway reuses what is on
+disk: the finished objectives' generations (`generations.parts/`), then the whole table and scores.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from seqdpo.behaviour import generate as G
+from seqdpo.behaviour.metrics import METRICS, stage_metrics
+from seqdpo.behaviour.scorers import ScoringContext, make_scorer
+
+log = logging.getLogger("seqdpo")
+SAMPLES_PER_CELL = 3  # sample generations per stage and objective in the report and W&B
+
+
+class BehaviourEval:
+    def __init__(self, cfg, out: Path, tok, objectives: dict, model, fingerprint: str, tracker=None):
+        from seqdpo.refcache import DEFAULT_CACHE_DIR
+
+        self.cfg, self.out, self.tok, self.model, self.tracker = cfg, Path(out), tok, model, tracker
+        self.settings = cfg.eval.generation
+        self.seed = cfg.seed if self.settings.seed is None else self.settings.seed
+        self.cache_dir = cfg.ref_cache_dir or DEFAULT_CACHE_DIR
+        self.ctx = ScoringContext(cfg, tok, model, fingerprint, objectives, self.cache_dir)
+        self.fingerprint = fingerprint
+        self.scorer = make_scorer(self.ctx)
+        self.unscored = [o for o in objectives if not self.scorer.supports(o)]
+        if self.unscored:
+            log.warning("behaviour: scorer %s cannot score %s; they are not generated", cfg.scorer.name, self.unscored)
+        self.prompts = {
+            o: G.choose_prompts(obj.eval, self.settings.prompts, self.seed) for o, obj in objectives.items() if o not in self.unscored
+        }
+
+    def on_stage(self, k: int, sd: Path) -> dict:
+        sd.mkdir(parents=True, exist_ok=True)
+        gen_path, score_path, parts = sd / "generations.parquet", sd / "scores.parquet", sd / "generations.parts"
+        t0 = time.time()
+        if gen_path.exists():
+            gens = pd.read_parquet(gen_path)
+        else:
+            args = dict(seed=self.seed, parts_dir=parts)
+            if k == 0:
+                gens = G.base_generations(self.model, self.tok, self.prompts, self.settings, fingerprint=self.fingerprint,
+                                          cache_dir=self.cache_dir, **args)
+            else:
+                gens = G.generate_objectives(self.model, self.tok, self.prompts, self.settings, **args)
+            G.write_parquet(gen_path, gens)
+            shutil.rmtree(parts, ignore_errors=True)
+        t1 = time.time()
+        if score_path.exists():
+            scores = pd.read_parquet(score_path)
+        else:
+            scores = self._score(gens)
+            G.write_parquet(score_path, scores)
+        t2 = time.time()
+        info = {"behaviour/generate_s": t1 - t0, "behaviour/score_s": t2 - t1,
+                "behaviour/length_capped": int((gens.finish_reason == "length").sum())}
+        log.info("stage %d behaviour: generation %.1f s, scoring %.1f s, %d of %d cut at max_new_tokens",
+                 k, t1 - t0, t2 - t1, info["behaviour/length_capped"], len(gens))
+        if self.tracker is not None:
+            metrics = stage_metrics(self.scored(k), self.scored(0), n_boot=self.cfg.eval.bootstrap, seed=self.seed)
+            self.tracker.log({f"stage{k}/{key}": v for key, v in info.items()}
+                             | {f"stage{k}/behaviour/{o}/{m}": v[0] for o, ms in metrics.items() for m, v in ms.items()})
+        return info
+
+    def _score(self, gens: pd.DataFrame) -> pd.DataFrame:
+        frames = []
+        for objective, g in gens.groupby("objective", sort=False):
+            prompts = dict(self.prompts[objective])
+            values = self.scorer.score(objective, [prompts[p] for p in g.prompt_id], list(g.text))
+            frames.append(g[["objective", "prompt_id", "sample"]].assign(score=values))
+        return pd.concat(frames, ignore_index=True)
+
+    def scored(self, k: int) -> pd.DataFrame:
+        sd = self.out / f"stage_{k}"
+        gens = pd.read_parquet(sd / "generations.parquet")
+        return gens.merge(pd.read_parquet(sd / "scores.parquet"), on=["objective", "prompt_id", "sample"])
+
+    def summary(self, stage_names: list[str]) -> dict:
+        """The `behaviour` block: per metric a stage x objective matrix of values and of [low, high]."""
+        objectives = list(self.prompts)
+        base = self.scored(0)
+        values = {m: [] for m in METRICS}
+        intervals = {m: [] for m in METRICS}
+        capped, timing = [], {"generate_s": [], "score_s": []}
+        for k in range(len(stage_names)):
+            stage = self.scored(k)
+            per = stage_metrics(stage, base, n_boot=self.cfg.eval.bootstrap, seed=self.seed)
+            for m in METRICS:
+                values[m].append([per[o][m][0] for o in objectives])
+                intervals[m].append([per[o][m][1:] for o in objectives])
+            capped.append(int((stage.finish_reason == "length").sum()))
+            done = _done_info(self.out / f"stage_{k}")
+            for key in timing:
+                timing[key].append(done.get(f"behaviour/{key}"))
+        s = self.settings
+        return {
+            "scorer": self.cfg.scorer.name, "stages": stage_names, "objectives": objectives,
+            "prompts": s.prompts, "samples": s.samples, "greedy": s.greedy, "bootstrap": self.cfg.eval.bootstrap,
+            "metrics": values, "intervals": intervals, "unscored_objectives": self.unscored,
+            "length_capped": capped, "generations_per_stage": int(len(base)), "time": timing,
+            "base_generations": G.base_generation_counts(),
+        }
+
+    def sample_table(self, stage_names: list[str]) -> pd.DataFrame:
+        """A few generations per stage and objective (the first prompts, first sample) with their scores."""
+        rows = []
+        for k, name in enumerate(stage_names):
+            df = self.scored(k).sort_values(["objective", "prompt_id", "sample"])
+            for _, g in df.groupby("objective", sort=False):
+                rows.append(g.drop_duplicates("prompt_id").head(SAMPLES_PER_CELL).assign(stage=k, stage_objective=name))
+        return pd.concat(rows, ignore_index=True)[["stage", "stage_objective", "objective", "prompt_id", "sample", "text", "n_tokens", "score"]]
+
+    def log_job(self, block: dict, stage_names: list[str]) -> None:
+        if self.tracker is None:
+            return
+        flat = {}
+        for m, rows in block["metrics"].items():
+            for k, row in enumerate(rows):
+                for o, v in zip(block["objectives"], row):
+                    flat[f"behaviour/{m}/{k}:{stage_names[k]}/{o}"] = v
+        self.tracker.summary(flat)
+        self.tracker.log_tables({"behaviour_samples": self.sample_table(stage_names)})
+
+
+def _done_info(sd: Path) -> dict:
+    import json
+
+    p = sd / "DONE"
+    return json.loads(p.read_text()) if p.exists() else {}

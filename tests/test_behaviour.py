@@ -1,0 +1,235 @@
+"""Behavioural evaluation: generation, its cache and resume, the scorers, the metrics, the behaviour block."""
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import SMALL_JOB, run_config
+from seqdpo.behaviour import generate as G
+from seqdpo.behaviour.metrics import bootstrap_interval, stage_metrics
+from seqdpo.behaviour.scorers import OracleScorer, RewardModelScorer, ScoringContext, TrainedRMScorer, oracle_score
+from seqdpo.data import build_objectives
+from seqdpo.data import synthetic as S
+from seqdpo.modeling import load_model_and_tokenizer
+
+WELL_FORMED = re.compile(r"^(%s) : [a-z ]+ \.$" % "|".join(S.TOPICS))
+
+
+@pytest.fixture(scope="session")
+def warm_cache(tmp_path_factory):
+    """One cache directory for the session: the warm start trains once."""
+    return tmp_path_factory.mktemp("behaviour-cache")
+
+
+@pytest.fixture(scope="session")
+def warm_base(warm_cache):
+    cfg = run_config(["eval.generate=true", f"ref_cache_dir={warm_cache}"])
+    model, tok = load_model_and_tokenizer(cfg.model, str(warm_cache))
+    return cfg, model, tok
+
+
+def test_oracle_reads_the_worlds_attributes():
+    objs = build_objectives(run_config(["dataset.options.n_eval=8"]).dataset, 0)
+    for name in ("polite", "factual"):
+        for row in objs[name].eval:
+            assert oracle_score(name, row["chosen"][0]["content"]) == 1.0
+            assert oracle_score(name, row["rejected"][0]["content"]) == 0.0
+    assert oracle_score("concise", "tea : a b .") > oracle_score("concise", "tea : a b c d .")
+    assert not OracleScorer().supports("unseen")
+
+
+def test_metrics_pair_stage_and_base_by_prompt():
+    base = pd.DataFrame({"objective": "polite", "prompt_id": ["p1", "p1", "p2", "p2", "p3", "p3"], "sample": [0, 1] * 3,
+                         "score": [0, 0, 1, 1, 0, 1], "n_tokens": [10] * 6})
+    stage = base.assign(score=[1, 1, 1, 1, 0, 0], n_tokens=[20, 10, 10, 10, 10, 10])
+    m = stage_metrics(stage, base, n_boot=200, seed=0)["polite"]
+    # per prompt: base (0, 1, .5), stage (1, 1, 0): deltas (1, 0, -.5), wins (1, .5, 0)
+    assert m["score_mean"][0] == pytest.approx(2 / 3)
+    assert m["score_delta"][0] == pytest.approx(0.5 / 3)
+    assert m["win_rate"][0] == pytest.approx(0.5)
+    assert m["length"][0] == pytest.approx(35 / 3)
+    for value, lo, hi in m.values():
+        assert lo <= value <= hi
+    lo, hi = bootstrap_interval(np.r_[np.zeros(50), np.ones(50)], 1000, 0)
+    assert 0.35 < lo < 0.5 < hi < 0.65
+
+
+@pytest.mark.slow
+def test_warm_start_generates_the_worlds_format_and_is_cached(warm_base, warm_cache):
+    cfg, model, tok = warm_base
+    prompts = {"polite": G.choose_prompts(build_objectives(cfg.dataset, 0)["polite"].eval, 16, seed=0)}
+    settings = cfg.eval.generation
+    kw = dict(seed=0, fingerprint="fp", cache_dir=warm_cache)
+    G.reset_base_generation_counts()
+    first = G.base_generations(model, tok, prompts, settings, **kw)
+    again = G.base_generations(model, tok, prompts, settings, **kw)
+    assert G.base_generation_counts() == {"computed": 1, "cached": 1}
+    pd.testing.assert_frame_equal(first, again)
+    assert list(first.columns) == G.COLUMNS and len(first) == 16 * settings.samples
+    # Well-formed responses of the world, about half of them polite: rates DPO can move either way.
+    assert first.text.map(lambda t: bool(WELL_FORMED.match(t))).mean() > 0.7
+    assert (first.finish_reason == "eos").mean() > 0.9
+    assert 0.15 < first.text.map(lambda t: oracle_score("polite", t)).mean() < 0.75
+    # Same seed, same samples (a regenerated stage matches); another seed samples others.
+    fresh = G.generate_objectives(model, tok, prompts, settings, seed=0)
+    pd.testing.assert_frame_equal(first, fresh)
+    assert not G.generate_objectives(model, tok, prompts, settings, seed=1).text.equals(first.text)
+    # The warm start itself is cached: a second load reads the weights, it does not train.
+    model2, _ = load_model_and_tokenizer(cfg.model, str(warm_cache))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
+    assert len(list(warm_cache.glob("warmstart-*.safetensors"))) == 1
+
+
+def _tiny_reward_model(path, tok):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def test_reward_model_scores_a_local_sequence_classifier(tmp_path):
+    from seqdpo.modeling import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(1024)
+    _tiny_reward_model(tmp_path / "rm", tok)
+    cfg = run_config(["eval.generate=true", "scorer=reward_model", "scorer.batch_size=3",
+                      f"++scorer.models={{polite:{tmp_path / 'rm'},factual:{tmp_path / 'rm'}}}"])
+    scorer = RewardModelScorer(ScoringContext(cfg))
+    assert scorer.supports("polite") and not scorer.supports("unseen")
+    prompt = [{"role": "user", "content": "tell me about tea ."}]
+    texts = ["tea : please .", "tea : it is a thing that many people know about .", "tea : correct honest one some .", "", "tea"]
+    batched = scorer.score("polite", [prompt] * len(texts), texts)
+    single = np.concatenate([scorer.score("polite", [prompt], [t]) for t in texts])
+    np.testing.assert_allclose(batched, single, rtol=1e-4, atol=1e-5)  # padding does not leak into a score
+    assert len(set(np.round(batched, 5))) == len(texts)
+    assert scorer.models["polite"].tok.chat_template  # its own template, saved with it
+
+
+@pytest.mark.slow
+def test_trained_rm_ranks_held_out_pairs_like_the_oracle(warm_base, warm_cache):
+    _, model, tok = warm_base
+    cfg = run_config(["eval.generate=true", "scorer=trained_rm", f"ref_cache_dir={warm_cache}"])
+    objectives = build_objectives(cfg.dataset, 0)
+    ctx = ScoringContext(cfg, tok, model, "fp-tiny", objectives, warm_cache)
+    scorer = TrainedRMScorer(ctx)
+    ev = objectives["polite"].eval
+    chosen = [r[0]["content"] for r in ev["chosen"]]
+    rejected = [r[0]["content"] for r in ev["rejected"]]
+    sc = scorer.score("polite", list(ev["prompt"]), chosen)
+    sr = scorer.score("polite", list(ev["prompt"]), rejected)
+    oracle = np.sign([oracle_score("polite", c) - oracle_score("polite", r) for c, r in zip(chosen, rejected)])
+    assert (np.sign(sc - sr) == oracle).mean() >= 0.8
+    assert scorer.trained == {"polite": "trained"}
+    # A second job of the sweep finds it in the cache and scores the same.
+    again = TrainedRMScorer(ctx)
+    np.testing.assert_allclose(again.score("polite", list(ev["prompt"]), chosen), sc, rtol=1e-5)
+    assert again.trained == {"polite": "cached"}
+
+
+@pytest.fixture(scope="module")
+def resumed_job(tmp_path_factory, warm_cache):
+    """A job with generation (implicit scorer) stopped during stage 1's generation, then rerun."""
+    from seqdpo.runner import run_job
+
+    out = tmp_path_factory.mktemp("behaviour-job") / "run"
+    overrides = [*SMALL_JOB, "eval.generate=true", "scorer=implicit", f"ref_cache_dir={warm_cache}",
+                 "eval.generation.prompts=6", "eval.generation.samples=2", "eval.generation.greedy=true",
+                 "eval.generation.max_new_tokens=24", "diagnostics.grad_cosine=false", "diagnostics.likelihood=false"]
+    real = G.generate
+    calls = []
+
+    def stop_in_stage_1(model, tok, prompts, settings, *, seed, objective):
+        calls.append(objective)
+        if len(calls) == 4:  # base: polite, factual; stage 1: polite, then stop in factual
+            raise KeyboardInterrupt("stopped during generation")
+        return real(model, tok, prompts, settings, seed=seed, objective=objective)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(G, "generate", stop_in_stage_1)
+        with pytest.raises(KeyboardInterrupt):
+            run_job(run_config([*overrides, "logger=none"]), str(out))
+    stopped = {
+        "status": json.loads((out / "status.json").read_text())["state"],
+        "trained": (out / "stage_1" / "trained.json").read_text(),
+        "parts": sorted(p.name for p in (out / "stage_1" / "generations.parts").glob("*.parquet")),
+        "polite_part": pd.read_parquet(out / "stage_1" / "generations.parts" / "polite.parquet"),
+        "done": (out / "stage_1" / "DONE").exists(),
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        resumed_calls = []
+        mp.setattr(G, "generate", lambda *a, **k: resumed_calls.append(k["objective"]) or real(*a, **k))
+        cfg = run_config([*overrides, "logger=wandb"])
+        matrix = run_job(cfg, str(out))
+    return cfg, out, matrix, stopped, resumed_calls
+
+
+@pytest.mark.slow
+def test_a_stage_stopped_during_generation_resumes(resumed_job, warm_cache):
+    from peft import PeftModel
+
+    cfg, out, matrix, stopped, resumed_calls = resumed_job
+    assert stopped["status"] == "interrupted" and not stopped["done"] and stopped["parts"] == ["polite.parquet"]
+    # The rerun neither retrained stage 1 nor regenerated polite: it generated factual, then stage 2.
+    assert (out / "stage_1" / "trained.json").read_text() == stopped["trained"]
+    assert resumed_calls == ["factual", "polite", "factual"]
+    gens = pd.read_parquet(out / "stage_1" / "generations.parquet")
+    assert not (out / "stage_1" / "generations.parts").exists()
+    pd.testing.assert_frame_equal(gens[gens.objective == "polite"].reset_index(drop=True), stopped["polite_part"])
+    # ... and what it holds is what the stage-1 model generates from scratch.
+    base, tok = load_model_and_tokenizer(cfg.model, str(warm_cache))
+    model = PeftModel.from_pretrained(base, out / "stage_1" / "adapter")
+    objectives = build_objectives(cfg.dataset, cfg.seed)
+    prompts = {o: G.choose_prompts(objectives[o].eval, 6, cfg.seed) for o in ("polite", "factual")}
+    pd.testing.assert_frame_equal(G.generate_objectives(model, tok, prompts, cfg.eval.generation, seed=cfg.seed), gens)
+    # The base model's generations came from the cache on the rerun.
+    assert matrix["behaviour"]["base_generations"] == {"computed": 0, "cached": 0}  # stage 0 was DONE already
+
+
+@pytest.mark.slow
+def test_behaviour_outputs_and_implicit_scores_equal_the_matrix(resumed_job):
+    from wandb_offline import read_run
+
+    cfg, out, matrix, _, _ = resumed_job
+    b = json.loads((out / "matrix.json").read_text())["behaviour"]
+    assert b == json.loads(json.dumps(matrix["behaviour"]))
+    assert b["scorer"] == "implicit" and b["stages"] == ["base", "polite", "factual"] and b["objectives"] == ["polite", "factual"]
+    for m in ("score_mean", "score_delta", "win_rate", "length"):
+        assert np.asarray(b["metrics"][m]).shape == (3, 2) and np.asarray(b["intervals"][m]).shape == (3, 2, 2)
+    assert b["metrics"]["score_mean"][0] == [0.0, 0.0]  # the base against itself
+    assert all(t is not None and t >= 0 for t in b["time"]["generate_s"] + b["time"]["score_s"])
+    gens = pd.read_parquet(out / "stage_2" / "generations.parquet")
+    assert list(gens.columns) == G.COLUMNS and len(gens) == 2 * 6 * 3  # objectives x prompts x (greedy + 2 samples)
+    assert set(gens["sample"]) == {-1, 0, 1} and set(gens.finish_reason) <= {"eos", "length"}
+    assert b["length_capped"][2] == int((gens.finish_reason == "length").sum())
+    # implicit: scoring the eval pairs' responses gives the per-pair rewards of the preference matrix.
+    from peft import PeftModel
+
+    from seqdpo.behaviour.scorers import ImplicitScorer
+    from seqdpo.modeling import model_fingerprint
+
+    base, tok = load_model_and_tokenizer(cfg.model, cfg.ref_cache_dir)
+    model = PeftModel.from_pretrained(base, out / "stage_1" / "adapter")
+    objectives = build_objectives(cfg.dataset, cfg.seed)
+    scorer = ImplicitScorer(ScoringContext(cfg, tok, model, model_fingerprint(cfg.model, tok), objectives, cfg.ref_cache_dir))
+    ev = objectives["factual"].eval
+    rc = scorer.score("factual", list(ev["prompt"]), [r[0]["content"] for r in ev["chosen"]])
+    rr = scorer.score("factual", list(ev["prompt"]), [r[0]["content"] for r in ev["rejected"]])
+    pairs = pd.read_parquet(out / "pairs.parquet").query("stage == 1 and objective == 'factual'").set_index("pair_id").loc[ev["pair_id"]]
+    np.testing.assert_allclose(rc, pairs.reward_chosen, atol=1e-5)
+    np.testing.assert_allclose(rr, pairs.reward_rejected, atol=1e-5)
+    assert np.mean(rc - rr) == pytest.approx(matrix["metrics"]["margin_mean"][1][1], abs=1e-5)
+    # W&B: the behaviour matrix in the summary, the sample generations as a table.
+    runs = [read_run(f) for f in sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))]
+    summary = {k: v for r in runs for k, v in r["summary"].items()}
+    keys = {k for r in runs for row in r["history"] for k in row}
+    assert summary["behaviour/score_mean/1:polite/polite"] == pytest.approx(b["metrics"]["score_mean"][1][0])
+    assert "stage2/behaviour/factual/win_rate" in keys
+    rows = [row for r in runs for row in r["history"] if "analysis/behaviour_samples/nrows" in row]
+    assert rows and rows[-1]["analysis/behaviour_samples/nrows"] == 3 * 2 * 3  # stages x objectives x samples shown
