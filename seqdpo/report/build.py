@@ -8,6 +8,7 @@ from typing import Any
 import pandas as pd
 
 from seqdpo.analysis.intervals import VERDICT_COLUMNS
+from seqdpo.report.behaviour import behaviour_section, plot_disagreement
 from seqdpo.report.doc import Doc
 from seqdpo.report.grouping import setting_label, slug
 from seqdpo.report.jobs import FACTORS, SETTING, Job, find_job_dirs, load_job
@@ -140,6 +141,7 @@ def _jobs_section(doc: Doc, group: list[Job], title: str, name: str, out: Path) 
     doc.h(5, "Mean margin [95% interval]")
     doc.table(matrix_side_by_side(group, "margin_mean"))
     doc.img(plot_heatmaps(group, title, out / f"heatmap_{name}.png"), out)
+    behaviour_section(doc, group, title, name, out)
     doc.h(5, "Transfer and forgetting [95% interval] (BWT < 0 = forgetting; FWT = change before training)")
     doc.table(transfer_side_by_side(group))
     for column in VERDICT_COLUMNS:
@@ -174,5 +176,6 @@ def job_plots(job_dir: Path) -> dict[str, Path]:
         "quartiles": plot_quartiles([job], title, out / "quartiles.png"),
         "margin_scatter": plot_scatter([job], title, out / "margin_scatter.png"),
         "grad_cosine": plot_grad_cosine([job], title, out / "grad_cosine.png"),
+        "behaviour": plot_disagreement([job], title, out / "behaviour.png"),
     }
     return {name: path for name, path in made.items() if path is not None}
