@@ -293,7 +293,7 @@ def _ranges(cfg: RunConfig) -> list[tuple[str, Any, str, bool]]:
         ("lr", cfg.lr, "> 0", pos(cfg.lr)),
         ("seed", cfg.seed, f"between 0 and {MAX_SEED}", 0 <= cfg.seed <= MAX_SEED),
         ("model.max_length", m.max_length, ">= 2 (prompt and completion tokens)", m.max_length >= 2),
-        *[(f"model.tiny.{k}", v, "> 0", v > 0) for k, v in asdict(m.tiny).items() if k != "init_seed"],
+        *[(f"model.tiny.{k}", v, "> 0", v > 0) for k, v in asdict(m.tiny).items() if k not in ("init_seed", "warm_start")],
         ("lora.r", lo.r, "> 0", lo.r > 0),
         ("lora.alpha", lo.alpha, "> 0, or null for 2r", lo.alpha is None or lo.alpha > 0),
         ("lora.dropout", lo.dropout, "in [0, 1)", 0 <= lo.dropout < 1),

@@ -94,7 +94,7 @@ def test_unknown_group_option_fails():
         (["eval.generate=true", "scorer=trained_rm", "scorer.lr=0"], "scorer.epochs", "lr > 0"),
         (["eval.generate=true", "scorer.batch_size=0"], "scorer.batch_size", "must be >= 1"),
         (["model=llama31_8b_instruct", "model.tiny.warm_start=true"], "model.tiny.warm_start", "tiny model only"),
-        (["model.tiny.warm_start=true", "model.tiny.warm_start_steps=0"], "model.tiny.warm_start_steps", "steps >= 1"),
+        (["model.tiny.warm_start=true", "model.tiny.warm_start_steps=0"], "model.tiny.warm_start_steps", "must be > 0"),
     ],
 )
 def test_bad_config_names_the_key(overrides, key, words):

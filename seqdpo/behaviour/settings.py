@@ -12,11 +12,8 @@ def check_behaviour_config(cfg: RunConfig) -> None:
     from seqdpo.behaviour.scorers import SCORERS
 
     t = cfg.model.tiny
-    if t.warm_start:
-        if cfg.model.name != "tiny":
-            raise ConfigError("model.tiny.warm_start", f"warms up the embedded tiny model only, not '{cfg.model.name}'")
-        if t.warm_start_steps < 1 or not t.warm_start_lr > 0:
-            raise ConfigError("model.tiny.warm_start_steps", "needs steps >= 1 and warm_start_lr > 0")
+    if t.warm_start and cfg.model.name != "tiny":  # steps and lr > 0: config._ranges
+        raise ConfigError("model.tiny.warm_start", f"warms up the embedded tiny model only, not '{cfg.model.name}'")
     if not cfg.eval.generate:
         return
     g = cfg.eval.generation
