@@ -132,6 +132,7 @@ class GenerationSettings:
     greedy: bool = False  # also one greedy response per prompt (sample index -1)
     temperature: float = 1.0
     top_p: float = 1.0
+    min_p: float = 0.0  # drop tokens below min_p x the most likely token's probability (0 = off)
     max_new_tokens: int = 48
     batch_size: int = 64  # sequences per generate call
     seed: Optional[int] = None  # prompt choice and sampling; None = the run seed

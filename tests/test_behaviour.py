@@ -36,7 +36,8 @@ def test_oracle_reads_the_worlds_attributes():
     objs = build_objectives(run_config(["dataset.options.n_eval=8"]).dataset, 0)
     for name in ("polite", "factual"):
         for row in objs[name].eval:
-            assert oracle_score(name, row["chosen"][0]["content"]) == 1.0
+            # one marker in a slot of 8 (the world's defaults); without the attribute, none
+            assert oracle_score(name, row["chosen"][0]["content"]) == 1 / 8
             assert oracle_score(name, row["rejected"][0]["content"]) == 0.0
     assert oracle_score("concise", "tea : a b .") > oracle_score("concise", "tea : a b c d .")
     assert not OracleScorer().supports("unseen")
@@ -73,7 +74,8 @@ def test_warm_start_generates_the_worlds_format_and_is_cached(warm_base, warm_ca
     # Well-formed responses of the world, about half of them polite: rates DPO can move either way.
     assert first.text.map(lambda t: bool(WELL_FORMED.match(t))).mean() > 0.7
     assert (first.finish_reason == "eos").mean() > 0.9
-    assert 0.15 < first.text.map(lambda t: oracle_score("polite", t)).mean() < 0.75
+    polite = first.text.map(lambda t: any(w in S.ATTRIBUTE_WORDS["polite"] for w in t.split()))
+    assert 0.15 < polite.mean() < 0.75
     # Same seed, same samples (a regenerated stage matches); another seed samples others.
     fresh = G.generate_objectives(model, tok, prompts, settings, seed=0)
     pd.testing.assert_frame_equal(first, fresh)
@@ -131,6 +133,26 @@ def test_trained_rm_ranks_held_out_pairs_like_the_oracle(warm_base, warm_cache):
     again = TrainedRMScorer(ctx)
     np.testing.assert_allclose(again.score("polite", list(ev["prompt"]), chosen), sc, rtol=1e-5)
     assert again.trained == {"polite": "cached"}
+
+
+@pytest.mark.slow
+def test_a_polite_stage_raises_the_polite_share_and_the_conflicting_stage_lowers_it(tmp_path_factory, warm_cache):
+    """The done criterion of the behaviour study (conf/experiment/behaviour.yaml), on seeds 0-2."""
+    from seqdpo.runner import run_job
+
+    root = tmp_path_factory.mktemp("behaviour-study")
+    for seed in (0, 1, 2):
+        cfg = run_config(["experiment=behaviour", "order=ab", f"seed={seed}", "logger=none", f"ref_cache_dir={warm_cache}",
+                          "diagnostics.grad_cosine=false", "diagnostics.adapter_movement=false", "diagnostics.likelihood=false"])
+        out = root / f"seed{seed}"
+        b = run_job(cfg, str(out))["behaviour"]
+        polite = b["objectives"].index("polite")
+        lo, _ = b["intervals"]["score_delta"][1][polite]
+        assert lo > 0, (seed, b["metrics"]["score_delta"])  # above the base's, the interval excludes 0
+        stage = [pd.read_parquet(out / f"stage_{k}" / "generations.parquet").merge(
+            pd.read_parquet(out / f"stage_{k}" / "scores.parquet"), on=["objective", "prompt_id", "sample"]) for k in (1, 2)]
+        _, hi = stage_metrics(stage[1], stage[0], n_boot=1000, seed=seed)["polite"]["score_delta"][1:]
+        assert hi < 0, (seed, b["metrics"]["score_mean"])  # stage 2 against stage 1, paired by prompt
 
 
 @pytest.fixture(scope="module")

@@ -87,6 +87,8 @@ def test_unknown_group_option_fails():
         (["eval.generate=true", "scorer=reward_model", "++scorer.models={polite:x}"], "scorer.models", "missing ['factual']"),
         (["eval.generate=true", "scorer.name=nope"], "scorer.name", "unknown scorer 'nope'"),
         (["eval.generate=true", "dataset=hh_rlhf"], "scorer.name", "reads the synthetic world"),
+        (["eval.generate=true", "eval.generation.min_p=1"], "eval.generation.min_p", "in [0, 1)"),
+        (["eval.generate=true", "eval.generation.backend=vllm"], "eval.generation.backend", "vllm"),
         (["eval.generate=true", "eval.generation.backend=nope"], "eval.generation.backend", "not one of"),
         (["eval.generate=true", "eval.generation.prompts=0"], "eval.generation.prompts", "must be >= 1"),
         (["eval.generate=true", "eval.generation.samples=0"], "eval.generation.samples", "generate nothing"),
@@ -156,7 +158,7 @@ def test_generation_turns_the_warm_start_on_and_changes_the_job():
     assert model_fingerprint(warm.model, tok) != model_fingerprint(off.model, tok)
     assert signature(warm) != signature(off)
     opts = run_config(["eval.generate=true", "scorer=trained_rm", "eval.generation.samples=2", "eval.generation.greedy=true",
-                       "eval.generation.temperature=0.7", "eval.generation.top_p=0.9", "eval.generation.max_new_tokens=20",
+                       "eval.generation.temperature=0.7", "eval.generation.top_p=0.9", "eval.generation.min_p=0.05", "eval.generation.max_new_tokens=20",
                        "eval.generation.batch_size=8", "eval.generation.seed=5", "eval.generation.backend=transformers",
                        "eval.generation.prompts=8", "scorer.base_model=some/model",
                        "scorer.epochs=1", "scorer.train_batch_size=4", "scorer.max_length=64",
@@ -166,4 +168,5 @@ def test_generation_turns_the_warm_start_on_and_changes_the_job():
             g.prompts) == (2, True, 0.7, 0.9, 20, 8, 5, "transformers", 8)
     assert (opts.scorer.name, opts.scorer.base_model, opts.scorer.epochs, opts.scorer.train_batch_size,
             opts.scorer.max_length) == ("trained_rm", "some/model", 1.0, 4, 64)
+    assert g.min_p == 0.05
     assert (opts.model.tiny.warm_start_steps, opts.model.tiny.warm_start_lr) == (10, 0.01)

@@ -69,10 +69,57 @@ def vllm_available() -> bool:
     return True
 
 
-def use_vllm(settings: GenerationSettings) -> bool:
+def use_vllm(settings: GenerationSettings, model_name: str = "") -> bool:
+    """vLLM when asked for, or on `auto` with a GPU, vLLM installed and a model vLLM can load (not the
+    embedded tiny one, which lives only in memory)."""
     if settings.backend == "vllm":
         return True
-    return settings.backend == "auto" and torch.cuda.is_available() and vllm_available()
+    return settings.backend == "auto" and model_name != "tiny" and torch.cuda.is_available() and vllm_available()
+
+
+class VLLMBackend:
+    """Generation with vLLM: the base model by name, a stage's LoRA adapter from its directory.
+
+    Called like `generate` (the in-memory model is not used); `adapter_dir` is set per stage (None = base).
+    One engine per process, sized to leave the GPU to training (`gpu_memory_utilization`).
+    """
+
+    _engines: dict = {}
+
+    def __init__(self, model_cfg, lora_rank: int, gpu_memory_utilization: float = 0.3):
+        self.model_cfg, self.lora_rank, self.gpu = model_cfg, lora_rank, gpu_memory_utilization
+        self.adapter_dir: Path | None = None
+        self.adapter_id = 0
+
+    def _engine(self):
+        from vllm import LLM
+
+        key = (self.model_cfg.name, self.model_cfg.revision, self.model_cfg.dtype)
+        if key not in self._engines:
+            self._engines[key] = LLM(model=self.model_cfg.name, revision=self.model_cfg.revision, dtype=self.model_cfg.dtype,
+                                     enable_lora=True, max_lora_rank=self.lora_rank, gpu_memory_utilization=self.gpu)
+        return self._engines[key]
+
+    def __call__(self, model, tok, prompts, settings: GenerationSettings, *, seed: int, objective: str) -> pd.DataFrame:
+        from vllm import SamplingParams
+        from vllm.lora.request import LoRARequest
+
+        rows = _rows(prompts, settings)
+        lora = None if self.adapter_dir is None else LoRARequest(f"stage-{self.adapter_id}", self.adapter_id, str(self.adapter_dir))
+        params = [
+            SamplingParams(temperature=0.0 if s < 0 else settings.temperature, top_p=1.0 if s < 0 else settings.top_p,
+                           min_p=0.0 if s < 0 else settings.min_p, max_tokens=settings.max_new_tokens,
+                           seed=_seed(seed, objective, i))  # per row: a rerun regenerates the same responses
+            for i, (_, _, s) in enumerate(rows)
+        ]
+        results = self._engine().chat([m for _, m, _ in rows], params, lora_request=lora, use_tqdm=False)
+        out = {c: [] for c in COLUMNS}
+        for (pid, _, s), res in zip(rows, results):
+            res = res.outputs[0]
+            for c, v in zip(COLUMNS, (objective, pid, s, res.text.strip(), len(res.token_ids),
+                                      "length" if res.finish_reason == "length" else "eos")):
+                out[c].append(v)
+        return pd.DataFrame(out)
 
 
 def _rows(prompts, settings: GenerationSettings) -> list[tuple[str, list[dict], int]]:
@@ -116,6 +163,8 @@ def _generate_batch(model, tok, messages, settings: GenerationSettings, device, 
     kwargs = {"do_sample": False}
     if sample:
         kwargs = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0}
+        if settings.min_p > 0:
+            kwargs["min_p"] = settings.min_p
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         seqs = model.generate(
@@ -135,9 +184,11 @@ def _generate_batch(model, tok, messages, settings: GenerationSettings, device, 
     return texts, n_tokens, reasons
 
 
-def generate_objectives(model, tok, prompts: dict, settings: GenerationSettings, *, seed: int, parts_dir: Path | None = None) -> pd.DataFrame:
+def generate_objectives(model, tok, prompts: dict, settings: GenerationSettings, *, seed: int, parts_dir: Path | None = None,
+                        backend=None) -> pd.DataFrame:
     """Every objective's table, one after the other. With `parts_dir`, each finished objective is saved
-    there and reused by a rerun: a stage stopped halfway keeps what it had generated."""
+    there and reused by a rerun: a stage stopped halfway keeps what it had generated. `backend`: a
+    callable like `generate` (a `VLLMBackend`); None = transformers."""
     frames = []
     for objective, obj_prompts in prompts.items():
         part = parts_dir / f"{objective}.parquet" if parts_dir is not None else None
@@ -145,7 +196,7 @@ def generate_objectives(model, tok, prompts: dict, settings: GenerationSettings,
             frames.append(pd.read_parquet(part))
             log.info("generations of %s reused from %s", objective, part)
             continue
-        df = generate(model, tok, obj_prompts, settings, seed=seed, objective=objective)
+        df = (backend or generate)(model, tok, obj_prompts, settings, seed=seed, objective=objective)
         if part is not None:
             write_parquet(part, df)
         frames.append(df)
@@ -162,22 +213,24 @@ def write_parquet(path: Path, df: pd.DataFrame) -> None:
     atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
-def generation_key(*, fingerprint: str, prompts: dict, settings: GenerationSettings, seed: int, model) -> str:
+def generation_key(*, fingerprint: str, prompts: dict, settings: GenerationSettings, seed: int, model, backend: str) -> str:
     """Identity of the base model's generations: model, prompts, settings that shape a response, seed."""
     p = next(model.parameters())
     head = {
         "format": FORMAT_VERSION, "fingerprint": fingerprint, "seed": seed,
-        "param_dtype": str(p.dtype), "device_type": p.device.type, "backend": "vllm" if use_vllm(settings) else "transformers",
-        "settings": {k: getattr(settings, k) for k in ("samples", "greedy", "temperature", "top_p", "max_new_tokens", "batch_size")},
+        "param_dtype": str(p.dtype), "device_type": p.device.type, "backend": backend,
+        "settings": {k: getattr(settings, k) for k in ("samples", "greedy", "temperature", "top_p", "min_p", "max_new_tokens", "batch_size")},
         "prompts": {o: [[pid, m] for pid, m in ps] for o, ps in prompts.items()},
     }
     return hashlib.sha256(json.dumps(head, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def base_generations(model, tok, prompts: dict, settings: GenerationSettings, *, seed: int, fingerprint: str,
-                     cache_dir: str | os.PathLike, parts_dir: Path | None = None) -> pd.DataFrame:
+                     cache_dir: str | os.PathLike, parts_dir: Path | None = None, backend=None) -> pd.DataFrame:
     """The base model's tables (adapter disabled), from `<cache_dir>/generations-<key>.parquet` or generated."""
-    path = Path(cache_dir) / f"generations-{generation_key(fingerprint=fingerprint, prompts=prompts, settings=settings, seed=seed, model=model)}.parquet"
+    key = generation_key(fingerprint=fingerprint, prompts=prompts, settings=settings, seed=seed, model=model,
+                         backend="transformers" if backend is None else "vllm")
+    path = Path(cache_dir) / f"generations-{key}.parquet"
     if path.exists():
         try:
             df = pd.read_parquet(path)
@@ -188,7 +241,7 @@ def base_generations(model, tok, prompts: dict, settings: GenerationSettings, *,
             log.warning("generation cache: unreadable %s (%r), generating again", path, e)
     ctx = model.disable_adapter() if hasattr(model, "peft_config") else torch.no_grad()
     with ctx:
-        df = generate_objectives(model, tok, prompts, settings, seed=seed, parts_dir=parts_dir)
+        df = generate_objectives(model, tok, prompts, settings, seed=seed, parts_dir=parts_dir, backend=backend)
     write_parquet(path, df)
     with _lock:
         _counts["computed"] += 1

@@ -4,8 +4,8 @@
     scorer.supports(objective) -> bool             # objectives it cannot score are counted, not scored
     scorer.score(objective, prompts, texts) -> np.ndarray    # one float per response, higher = better
 
-oracle        the synthetic world's attributes read from the text (exact): polite/factual 1 when the
-              attribute's marker words appear, else 0; concise minus, detailed plus the word count
+oracle        the synthetic world's attributes read from the text (exact): polite/factual the share of
+              the attribute's slot words that are markers; concise minus, detailed plus the word count
 reward_model  a Hugging Face sequence-classification model per objective (hub id or local directory),
               with its own tokenizer and chat template
 trained_rm    a reward model per objective trained with TRL's RewardTrainer on that objective's training
@@ -51,11 +51,17 @@ class ScorerSpec:
 # ---------------------------------------------------------------------------------------------- oracle
 
 def oracle_score(objective: str, text: str) -> float:
+    """polite / factual: the share of the attribute's slot words (its markers and its plain words) that are
+    markers: 0 without the attribute, markers/slot with it (1/8 by default), more when a generation leans
+    to it. A share, not presence, because DPO lengthens generations here: a longer response holds a
+    marker more often by chance while its slot turns plain (docs: README "Behaviour, not only preferences")."""
     from seqdpo.data import synthetic as S
 
     words = text.split()
     if objective in S.ATTRIBUTE_WORDS:
-        return float(any(w in S.ATTRIBUTE_WORDS[objective] for w in words))
+        markers = sum(w in S.ATTRIBUTE_WORDS[objective] for w in words)
+        plain = sum(w in S.PLAIN_WORDS[objective] for w in words)
+        return markers / (markers + plain) if markers + plain else 0.0
     return float(-len(words) if objective == "concise" else len(words))
 
 

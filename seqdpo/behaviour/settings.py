@@ -24,10 +24,14 @@ def check_behaviour_config(cfg: RunConfig) -> None:
         raise ConfigError("eval.generation.samples", "0 samples and greedy=false generate nothing")
     if not g.temperature > 0 or not 0 < g.top_p <= 1:
         raise ConfigError("eval.generation.temperature", f"temperature must be > 0 and top_p in (0, 1], got {g.temperature}, {g.top_p}")
+    if not 0 <= g.min_p < 1:
+        raise ConfigError("eval.generation.min_p", f"must be in [0, 1), got {g.min_p}")
     if g.backend not in BACKENDS:
         raise ConfigError("eval.generation.backend", f"'{g.backend}' is not one of {list(BACKENDS)}")
     if g.backend == "vllm" and not vllm_available():
         raise ConfigError("eval.generation.backend", "vllm is not installed (pip install vllm; it is optional)")
+    if g.backend == "vllm" and cfg.model.name == "tiny":
+        raise ConfigError("eval.generation.backend", "vllm loads a model by name; the embedded tiny model has none")
     s = cfg.scorer
     if s.name not in SCORERS:
         raise ConfigError("scorer.name", f"unknown scorer '{s.name}'; known: {sorted(SCORERS)}")

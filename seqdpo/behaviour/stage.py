@@ -36,6 +36,9 @@ class BehaviourEval:
         self.cache_dir = cfg.ref_cache_dir or DEFAULT_CACHE_DIR
         self.ctx = ScoringContext(cfg, tok, model, fingerprint, objectives, self.cache_dir)
         self.fingerprint = fingerprint
+        # vLLM reads each stage's adapter from disk; the runner saves it before evaluating the stage
+        self.backend = G.VLLMBackend(cfg.model, cfg.lora.r) if G.use_vllm(self.settings, cfg.model.name) else None
+        log.info("behaviour: generation with %s", "vLLM" if self.backend else "transformers")
         self.scorer = make_scorer(self.ctx)
         self.unscored = [o for o in objectives if not self.scorer.supports(o)]
         if self.unscored:
@@ -51,7 +54,9 @@ class BehaviourEval:
         if gen_path.exists():
             gens = pd.read_parquet(gen_path)
         else:
-            args = dict(seed=self.seed, parts_dir=parts)
+            args = dict(seed=self.seed, parts_dir=parts, backend=self.backend)
+            if self.backend is not None:
+                self.backend.adapter_dir, self.backend.adapter_id = (sd / "adapter" if k else None), k
             if k == 0:
                 gens = G.base_generations(self.model, self.tok, self.prompts, self.settings, fingerprint=self.fingerprint,
                                           cache_dir=self.cache_dir, **args)
@@ -109,7 +114,7 @@ class BehaviourEval:
         s = self.settings
         return {
             "scorer": self.cfg.scorer.name, "stages": stage_names, "objectives": objectives,
-            "prompts": s.prompts, "samples": s.samples, "greedy": s.greedy, "bootstrap": self.cfg.eval.bootstrap,
+            "backend": "transformers" if self.backend is None else "vllm", "prompts": s.prompts, "samples": s.samples, "greedy": s.greedy, "bootstrap": self.cfg.eval.bootstrap,
             "metrics": values, "intervals": intervals, "unscored_objectives": self.unscored,
             "length_capped": capped, "generations_per_stage": int(len(base)), "time": timing,
             "base_generations": G.base_generation_counts(),
