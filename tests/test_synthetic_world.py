@@ -141,6 +141,7 @@ SEEDS = (0, 1, 2)
 FAST = [
     "logger=none",
     "lr=5e-3",
+    "lora.dropout=0",  # as conf/experiment/synthetic_relations.yaml
     "diagnostics.grad_cosine=false",
     "diagnostics.adapter_movement=false",
     "diagnostics.likelihood=false",
