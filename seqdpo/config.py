@@ -293,6 +293,8 @@ def _ranges(cfg: RunConfig) -> list[tuple[str, Any, str, bool]]:
         ("beta", cfg.beta, "> 0", pos(cfg.beta)),
         ("lr", cfg.lr, "> 0", pos(cfg.lr)),
         ("seed", cfg.seed, f"between 0 and {MAX_SEED}", 0 <= cfg.seed <= MAX_SEED),
+        ("eval.generation.seed", e.generation.seed, f"null (the run seed) or between 0 and {MAX_SEED}",
+         e.generation.seed is None or 0 <= e.generation.seed <= MAX_SEED),
         ("model.max_length", m.max_length, ">= 2 (prompt and completion tokens)", m.max_length >= 2),
         *[(f"model.tiny.{k}", v, "> 0", v > 0) for k, v in asdict(m.tiny).items() if k not in ("init_seed", "warm_start")],
         ("lora.r", lo.r, "> 0", lo.r > 0),

@@ -52,6 +52,27 @@ BAD_VALUES = [
     ("logger.name=tensorboard", "logger.name", "not one of"),
     ("logger.mode=cloud", "logger.mode", "not one of"),
     ("dataset.objectives=[polite,polite]", "dataset.objectives", "twice"),
+    ("model.tiny.warm_start_steps=0", "model.tiny.warm_start_steps", "> 0"),
+    ("model.tiny.warm_start_lr=0", "model.tiny.warm_start_lr", "> 0"),
+    ("model=llama31_8b_instruct model.tiny.warm_start=true", "model.tiny.warm_start", "tiny model only"),
+    ("eval.generation.seed=-1", "eval.generation.seed", "between 0 and"),
+    # Behaviour options are checked when generation is on
+    ("eval.generate=true eval.generation.prompts=0", "eval.generation.prompts", ">= 1"),
+    ("eval.generate=true eval.generation.samples=-1", "eval.generation.samples", ">= 0"),
+    ("eval.generate=true eval.generation.samples=0 eval.generation.greedy=false", "eval.generation.samples", "nothing"),
+    ("eval.generate=true eval.generation.max_new_tokens=0", "eval.generation.max_new_tokens", ">= 1"),
+    ("eval.generate=true eval.generation.batch_size=0", "eval.generation.batch_size", ">= 1"),
+    ("eval.generate=true eval.generation.temperature=0", "eval.generation.temperature", "> 0"),
+    ("eval.generate=true eval.generation.top_p=0", "eval.generation.top_p", "(0, 1]"),
+    ("eval.generate=true eval.generation.min_p=1", "eval.generation.min_p", "[0, 1)"),
+    ("eval.generate=true eval.generation.backend=tgi", "eval.generation.backend", "not one of"),
+    ("eval.generate=true scorer.name=nope", "scorer.name", "unknown scorer"),
+    ("eval.generate=true scorer.name=reward_model", "scorer.models", "one model per objective"),
+    ("eval.generate=true scorer.batch_size=0", "scorer.batch_size", ">= 1"),
+    ("eval.generate=true scorer.max_length=0", "scorer.max_length", ">= 1"),
+    ("eval.generate=true scorer.train_batch_size=0", "scorer.train_batch_size", ">= 1"),
+    ("eval.generate=true scorer.epochs=0", "scorer.epochs", "> 0"),
+    ("eval.generate=true scorer.lr=0", "scorer.lr", "> 0"),
     # Added with + (what Hydra suggests after a typo): refused with the nearest real key.
     ("+train.batch_sise=4", "train.batch_sise", "did you mean 'train.batch_size'"),
     ("++eval.tie_tolerence=0.1", "eval.tie_tolerence", "did you mean 'eval.tie_tolerance'"),
@@ -63,7 +84,7 @@ BAD_VALUES = [
 @pytest.mark.parametrize("override,key,words", BAD_VALUES, ids=[row[0] for row in BAD_VALUES])
 def test_bad_value_names_the_key(override, key, words):
     with pytest.raises(ConfigError) as e:
-        run_config([override])
+        run_config(override.split())
     assert e.value.key == key and words in str(e.value), str(e.value)
 
 
@@ -80,7 +101,8 @@ def test_every_numeric_and_name_key_has_a_bad_value_row():
         "dataset.n_train", "dataset.n_eval", "dataset.options", "order.name", "order.stages", "logger.project",
         "logger.entity", "logger.group", "logger.tags", "train.gradient_checkpointing", "train.bf16",
         "train.disable_dropout", "diagnostics.grad_cosine", "diagnostics.adapter_movement",
-        "diagnostics.likelihood", "ref_cache_dir",
+        "diagnostics.likelihood", "ref_cache_dir", "eval.generate", "eval.generation", "eval.generation.greedy",
+        "scorer", "scorer.revision", "scorer.base_model",
     }
     loss_keys = {k for k in _schema_keys(run_config()) if k.startswith("loss.")}  # tests/test_losses.py
     tested = {row[1] for row in BAD_VALUES}

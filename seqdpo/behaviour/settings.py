@@ -22,8 +22,10 @@ def check_behaviour_config(cfg: RunConfig) -> None:
             raise ConfigError(f"eval.generation.{key}", f"must be >= {0 if key == 'samples' else 1}, got {getattr(g, key)}")
     if g.samples == 0 and not g.greedy:
         raise ConfigError("eval.generation.samples", "0 samples and greedy=false generate nothing")
-    if not g.temperature > 0 or not 0 < g.top_p <= 1:
-        raise ConfigError("eval.generation.temperature", f"temperature must be > 0 and top_p in (0, 1], got {g.temperature}, {g.top_p}")
+    if not g.temperature > 0:
+        raise ConfigError("eval.generation.temperature", f"must be > 0, got {g.temperature}")
+    if not 0 < g.top_p <= 1:
+        raise ConfigError("eval.generation.top_p", f"must be in (0, 1], got {g.top_p}")
     if not 0 <= g.min_p < 1:
         raise ConfigError("eval.generation.min_p", f"must be in [0, 1), got {g.min_p}")
     if g.backend not in BACKENDS:
@@ -46,5 +48,6 @@ def check_behaviour_config(cfg: RunConfig) -> None:
     for key in ("batch_size", "max_length", "train_batch_size"):
         if getattr(s, key) < 1:
             raise ConfigError(f"scorer.{key}", f"must be >= 1, got {getattr(s, key)}")
-    if not (s.epochs > 0 and s.lr > 0):
-        raise ConfigError("scorer.epochs", f"trained_rm needs epochs > 0 and lr > 0, got {s.epochs}, {s.lr}")
+    for key in ("epochs", "lr"):
+        if not getattr(s, key) > 0:
+            raise ConfigError(f"scorer.{key}", f"must be > 0 (trained_rm), got {getattr(s, key)}")
