@@ -168,8 +168,10 @@ class EvalConfig:
 @dataclass
 class DiagnosticsConfig:
     grad_cosine: bool = True  # cosine between the current and every earlier objective's gradient
-    grad_cosine_every: int = 0  # also every k steps during a stage (0 = only at stage start)
-    probe_pairs: int = 16  # eval pairs per objective used for gradient probes
+    grad_cosine_points: int = 5  # probes per stage, spread evenly from its first to its last step (1 = start only)
+    probe_source: str = "train"  # train | eval: whose pairs the gradient probes use
+    probe_pairs: int = 64  # pairs per objective in a gradient probe (16 measured as noise on the synthetic world)
+    probe_blocks: int = 8  # a probe's backward passes; its blocks give the noise floor and the jackknife interval
     adapter_movement: bool = True
     likelihood: bool = True  # 3D-properties: chosen/rejected/held-out likelihood shifts
     # Pair-level analysis: a pair "stayed" when |delta| <= stay_threshold * sd(values after the training
@@ -211,6 +213,7 @@ REFERENCES = ("base", "previous")
 PARTITIONS = ("none", "random", "easy_to_hard")
 DTYPES = ("float32", "bfloat16", "float16")
 LOGGERS = ("wandb", "none")
+PROBE_SOURCES = ("train", "eval")
 LOGGER_MODES = ("offline", "online", "disabled")
 
 
@@ -313,8 +316,9 @@ def _ranges(cfg: RunConfig) -> list[tuple[str, Any, str, bool]]:
         ("eval.batch_size", e.batch_size, ">= 1", e.batch_size >= 1),
         ("eval.tie_tolerance", e.tie_tolerance, ">= 0", nonneg(e.tie_tolerance)),
         ("eval.bootstrap", e.bootstrap, ">= 0 (0 = no intervals)", e.bootstrap >= 0),
-        ("diagnostics.grad_cosine_every", d.grad_cosine_every, ">= 0 (0 = stage start only)", d.grad_cosine_every >= 0),
-        ("diagnostics.probe_pairs", d.probe_pairs, ">= 1", d.probe_pairs >= 1),
+        ("diagnostics.grad_cosine_points", d.grad_cosine_points, ">= 1 (1 = stage start only)", d.grad_cosine_points >= 1),
+        ("diagnostics.probe_blocks", d.probe_blocks, ">= 2 (two halves give the noise floor)", d.probe_blocks >= 2),
+        ("diagnostics.probe_pairs", d.probe_pairs, f">= diagnostics.probe_blocks ({d.probe_blocks})", d.probe_pairs >= d.probe_blocks),
         ("diagnostics.stay_threshold", d.stay_threshold, ">= 0", nonneg(d.stay_threshold)),
         ("diagnostics.redistribution_min_fraction", d.redistribution_min_fraction, "in [0, 0.5] (pairs moving each way)",
          0 <= d.redistribution_min_fraction <= 0.5),
@@ -335,6 +339,7 @@ def _check_names(cfg: RunConfig) -> None:
         ("logger.name", cfg.logger.name, LOGGERS),
         ("logger.mode", cfg.logger.mode, LOGGER_MODES),
         ("train.lr_scheduler", cfg.train.lr_scheduler, [s.value for s in SchedulerType]),
+        ("diagnostics.probe_source", cfg.diagnostics.probe_source, PROBE_SOURCES),
     ):
         if value not in allowed:
             raise ConfigError(key, f"'{value}' is not one of {list(allowed)}")

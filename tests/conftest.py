@@ -26,6 +26,8 @@ SMALL_JOB = [
     "train.batch_size=4",
     "train.logging_steps=1",
     "lr=5e-3",
+    # gradient cosines at each stage start only: probes at 5 points per stage would double a test job's cost
+    "diagnostics.grad_cosine_points=1",
 ]
 
 

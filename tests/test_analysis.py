@@ -367,23 +367,32 @@ def test_recorder_hooks_on_a_linear_model(tmp_path):
     assert not any("per_module/" in k and "lora" in k for k in payload)
 
 
-def test_recorder_periodic_callback_records_trace(tmp_path):
+def test_recorder_traces_cosines_at_points_spread_over_the_stage(tmp_path):
     pytest.importorskip("transformers")
-    objs = {"A": [{"c": [0, 0, 1, 0, 0, 0, 0, 0]}], "B": [{"c": [0, 0, 1, 0, 0, 0, 1, 0]}]}
-    rec = DiagnosticsRecorder(_cfg(likelihood=False, grad_cosine_every=2), tmp_path, objs)
+    # B's two blocks disagree on v: its split-half noise floor is cos([0,0,1,0,0,0,1,0], [0,0,1,0,0,0,-1,0]) = 0
+    objs = {"A": [{"c": [0, 0, 1, 0, 0, 0, 0, 0]}] * 2, "B": [{"c": [0, 0, 1, 0, 0, 0, 1, 0]}, {"c": [0, 0, 1, 0, 0, 0, -1, 0]}]}
+    rec = DiagnosticsRecorder(_cfg(likelihood=False, grad_cosine_points=3, probe_pairs=2, probe_blocks=2), tmp_path, objs)
     tr = _FakeTrainer()
     rec.on_stage_start(1, tr)
     (cb,) = tr.callbacks
     state = type("S", (), {})()
+    state.max_steps = 4
+    cb.on_train_begin(None, state, None)
     for step in (1, 2, 3, 4):
         state.global_step = step
         cb.on_step_end(None, state, None)
+    tr.state = state
     d = rec.on_stage_end(1, tr)
-    assert [p["step"] for p in d["grad_cosine_trace"]] == [2, 4]
-    assert d["grad_cosine_trace"][0]["grad_cosine"]["A__B"]["total"] == pytest.approx(1 / math.sqrt(2))
+    trace = d["grad_cosine_trace"]
+    assert [p["step"] for p in trace] == [0, 2, 4] and [p["progress"] for p in trace] == [0.0, 0.5, 1.0]
+    ab = trace[1]["grad_cosine"]["A__B"]
+    assert ab["total"] == pytest.approx(1.0)  # B's mean gradient is [0,0,1,0,...]: A's direction
+    assert ab["noise_floor"] == {"A": pytest.approx(1.0), "B": pytest.approx(0.0)}
+    assert ab["ci_low"] <= ab["total"] <= ab["ci_high"] == 1.0
     assert tr.callbacks == []
-
-
+    # every point is on disk as it is taken: a resumed stage keeps them
+    lines = (tmp_path / "stage_1" / "grad_cosine_trace.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [0, 2, 4]
 def test_job_analysis_and_tables():
     rows = []
     for stage, (ma, mb) in enumerate([(0.0, 0.0), (2.0, 0.5), (1.0, 3.0)]):
@@ -401,3 +410,66 @@ def test_job_analysis_and_tables():
     tables = report_tables({**out, "stages": {"1": {"grad_cosine": {"A__B": {"total": 0.5, "per_layer": {"0": 0.4}}}}}})
     assert set(tables) == {"transfer", "quartiles", "likelihood", "grad_cosine"}
     assert list(tables["grad_cosine"]["group"]) == ["total", "layer:0"]
+
+
+def test_probe_gram_cosine_noise_floor_and_interval_on_a_known_case():
+    from seqdpo.analysis import gradient_probes as GP
+    from seqdpo.analysis.gradients import cosine
+
+    gen = torch.Generator().manual_seed(0)
+    u = torch.randn(50, generator=gen)
+
+    def blocks(sign, noise, k=8):
+        return [{"layers.0.q_proj.lora_B.weight": sign * u + noise * torch.randn(50, generator=gen)} for _ in range(k)]
+
+    sizes = {"A": np.full(8, 8.0), "B": np.full(8, 8.0), "C": np.full(8, 8.0)}
+    grads = {"A": blocks(1, 0.1), "B": blocks(-1, 0.1), "C": blocks(1, 30.0)}
+    gram = GP.ProbeGram(grads, sizes, per_group=True)
+    means = {n: GP.mean_gradient(g, sizes[n]) for n, g in grads.items()}
+    assert gram.cosine("A", "B") == pytest.approx(cosine(means["A"], means["B"]), abs=1e-9)
+    assert gram.cosine("A", "B", "module:q") == pytest.approx(gram.cosine("A", "B"))
+    assert gram.norm("A") == pytest.approx(float(means["A"]["layers.0.q_proj.lora_B.weight"].norm()), rel=1e-6)
+    # low noise: halves agree (floor near 1) and the interval is tight around -1; noise 30x the signal: floor near 0
+    assert gram.noise_floor("A") > 0.99 and abs(gram.noise_floor("C")) < 0.3
+    lo, hi = gram.interval("A", "B")
+    assert -1.0 <= lo <= gram.cosine("A", "B") <= hi < -0.99
+    lo_c, hi_c = gram.interval("A", "C")
+    assert lo_c <= gram.cosine("A", "C") <= hi_c and hi_c - lo_c > 0.3
+    out = GP.pair_cosines(gram, "A", {"B"}, per_group=True)
+    assert set(out) == {"A__B", "A__C"} and out["A__B"]["earlier"] and not out["A__C"]["earlier"]
+    assert out["A__B"]["per_module"]["q"] == pytest.approx(out["A__B"]["total"])
+
+
+def test_trace_steps_spread_over_the_stage():
+    from seqdpo.analysis.gradient_probes import trace_steps
+
+    assert trace_steps(32, 5) == [0, 8, 16, 24, 32]
+    assert trace_steps(3, 5) == [0, 1, 2, 3]
+    assert trace_steps(32, 1) == [0]
+
+
+def test_jackknife_interval_covers_the_true_cosine():
+    from seqdpo.analysis import gradient_probes as GP
+
+    assert GP.t_quantile_975(7) == pytest.approx(2.365, abs=0.005) and GP.t_quantile_975(30) == pytest.approx(2.042, abs=0.005)
+    rng = np.random.default_rng(0)
+    d, k = 400, 8
+    u = rng.standard_normal(d)
+    w = rng.standard_normal(d)
+    w -= (w @ u) / (u @ u) * u
+    v = -0.5 * u / np.linalg.norm(u) + math.sqrt(0.75) * w / np.linalg.norm(w)  # cos(u, v) = -0.5 exactly
+    v *= np.linalg.norm(u)
+    # Noise of norm^2 4 |u|^2 per block, |u|^2 / 2 over 8 blocks: the expected cosine is shrunk by 1 / 1.5
+    shrunk = -0.5 / 1.5
+    covered, corrected, floors = 0, [], []
+    for _ in range(200):
+        grads = {n: [{"w": torch.tensor(c + 2.0 * rng.standard_normal(d))} for _ in range(k)] for n, c in (("A", u), ("B", v))}
+        gram = GP.ProbeGram(grads, {"A": np.ones(k), "B": np.ones(k)})
+        lo, hi = gram.interval("A", "B")
+        covered += lo <= shrunk <= hi
+        out = GP.pair_cosines(gram, "A", set())["A__B"]
+        corrected.append(out["corrected"])
+        floors.append(out["noise_floor"]["A"])
+    assert 0.88 <= covered / 200 <= 1.0
+    assert np.mean(floors) == pytest.approx(0.5, abs=0.05)  # halves: noise |u|^2 against signal |u|^2
+    assert np.mean(corrected) == pytest.approx(-0.5, abs=0.03)  # the attenuation correction recovers the truth

@@ -97,6 +97,10 @@ def test_unknown_group_option_fails():
         (["eval.generate=true", "scorer.batch_size=0"], "scorer.batch_size", "must be >= 1"),
         (["model=llama31_8b_instruct", "model.tiny.warm_start=true"], "model.tiny.warm_start", "tiny model only"),
         (["model.tiny.warm_start=true", "model.tiny.warm_start_steps=0"], "model.tiny.warm_start_steps", "must be > 0"),
+        (["diagnostics.probe_source=test"], "diagnostics.probe_source", "not one of ['train', 'eval']"),
+        (["diagnostics.probe_blocks=1"], "diagnostics.probe_blocks", "must be >= 2"),
+        (["diagnostics.probe_pairs=4"], "diagnostics.probe_pairs", ">= diagnostics.probe_blocks (8)"),
+        (["diagnostics.grad_cosine_points=0"], "diagnostics.grad_cosine_points", "must be >= 1"),
     ],
 )
 def test_bad_config_names_the_key(overrides, key, words):
@@ -170,3 +174,11 @@ def test_generation_turns_the_warm_start_on_and_changes_the_job():
             opts.scorer.max_length) == ("trained_rm", "some/model", 1.0, 4, 64)
     assert g.min_p == 0.05
     assert (opts.model.tiny.warm_start_steps, opts.model.tiny.warm_start_lr) == (10, 0.01)
+
+
+def test_gradient_probe_options_compose():
+    d = run_config([]).diagnostics
+    assert (d.probe_source, d.probe_pairs, d.probe_blocks, d.grad_cosine_points) == ("train", 64, 8, 5)
+    d = run_config(["diagnostics.probe_source=eval", "diagnostics.probe_pairs=16", "diagnostics.probe_blocks=4",
+                    "diagnostics.grad_cosine_points=3"]).diagnostics
+    assert (d.probe_source, d.probe_pairs, d.probe_blocks, d.grad_cosine_points) == ("eval", 16, 4, 3)

@@ -2,11 +2,15 @@
 
 Per stage k (objective o_k):
   on_stage_start  snapshots the adapter (phi_start) and, when `diagnostics.grad_cosine`, takes the
-                  gradient of every objective's loss on its fixed probe batch (the first `probe_pairs`
-                  eval pairs) at phi_start; cosines of o_k's gradient with every other objective's.
-                  The loss is `trainer.batch_loss` (the stage's loss and beta) on eval features, whose
-                  reference columns hold the base model's log-probs whatever `reference` trains with.
-                  With `grad_cosine_every > 0` a callback repeats the cosines every k optimizer steps.
+                  gradient of every objective's loss on its fixed probe set (the first `probe_pairs`
+                  training pairs, or eval pairs with `probe_source: eval`) at phi_start, in
+                  `probe_blocks` blocks; cosines of o_k's gradient with every other objective's, each
+                  with its noise floor and bootstrap interval (gradient_probes.py). The loss is
+                  `trainer.batch_loss` (the stage's loss and beta) on probe rows whose reference columns
+                  hold the base model's log-probs whatever `reference` trains with. A callback repeats
+                  the cosines at `grad_cosine_points` steps spread over the stage (both ends included);
+                  every point is appended to stage_k/grad_cosine_trace.jsonl, so a resumed stage keeps
+                  the points an interrupted process took.
   on_stage_end    adapter movement start -> end (raw and effective), its cosine with every earlier
                   stage's movement, the update's alignment with each objective's gradient at phi_start,
                   and the off-prompt dispersion probe (likelihood.py).
@@ -26,6 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from seqdpo.analysis import gradient_probes as GP
 from seqdpo.analysis import gradients as G
 from seqdpo.analysis import likelihood as L
 from seqdpo.analysis import movement as M
@@ -74,13 +79,22 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def _grad_cosine_callback(recorder: "DiagnosticsRecorder", trainer, every: int):
-    """A TrainerCallback taking the cosines every `every` optimizer steps (built lazily: transformers is heavy)."""
+TRACE_FILE = "grad_cosine_trace.jsonl"
+
+
+def _grad_cosine_callback(recorder: "DiagnosticsRecorder", trainer, points: int):
+    """A TrainerCallback taking the cosines at `points` steps spread over the stage (built lazily: transformers is heavy)."""
     from transformers import TrainerCallback
 
     class GradCosineCallback(TrainerCallback):
+        steps: set[int] = set()
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.steps = set(GP.trace_steps(int(state.max_steps), points)) - {0}  # step 0 is the stage start
+            return control
+
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step % every == 0:
+            if state.global_step in self.steps:
                 recorder._trace_point(trainer, int(state.global_step))
             return control
 
@@ -88,7 +102,7 @@ def _grad_cosine_callback(recorder: "DiagnosticsRecorder", trainer, every: int):
 
 
 class DiagnosticsRecorder:
-    def __init__(self, cfg, out_dir, objectives_tokenized: dict):
+    def __init__(self, cfg, out_dir, objectives_tokenized: dict, grad_probes: dict | None = None):
         from seqdpo.config import stage_objectives
 
         self.cfg = cfg
@@ -98,6 +112,9 @@ class DiagnosticsRecorder:
         self.objectives = list(objectives_tokenized)
         n = int(self.dcfg.probe_pairs)
         self.probes = {name: [ds[i] for i in range(min(n, len(ds)))] for name, ds in objectives_tokenized.items()}
+        # Gradient probes: the runner passes the training pairs (probe_source: train); else the eval pairs.
+        grad_sets = objectives_tokenized if grad_probes is None else grad_probes
+        self.grad_probes = {name: [ds[i] for i in range(min(n, len(ds)))] for name, ds in grad_sets.items()}
         self.scaling = float(cfg.lora.effective_alpha()) / float(cfg.lora.r)
         self._states: dict[int, dict[str, torch.Tensor]] = {}
         self._start_grads: dict[str, dict[str, torch.Tensor]] = {}
@@ -107,40 +124,59 @@ class DiagnosticsRecorder:
         self._base_offprompt: dict[str, dict[str, np.ndarray]] = {}
 
     # -- gradients -------------------------------------------------------------------------------
-    def _gradients(self, trainer, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    def _block_gradients(self, trainer) -> tuple[dict[str, list], dict[str, np.ndarray]]:
+        """Block gradients of every objective's probe set at the current parameters, and the block sizes."""
         model = trainer.model
         params = G.lora_parameters(model)
         was_training = model.training
         # Dropout off: a probe gradient must be a function of the parameters only.
         model.eval()
+        grads, sizes = {}, {}
         try:
             with torch.enable_grad():
-                return {
-                    n: G.objective_gradient(trainer.batch_loss, params, self.probes[n], max(int(self.cfg.train.batch_size), 1))
-                    for n in names
-                    if self.probes.get(n)
-                }
+                for n in self.objectives:
+                    if self.grad_probes.get(n):
+                        grads[n], sizes[n] = GP.block_gradients(trainer.batch_loss, params, self.grad_probes[n], int(self.dcfg.probe_blocks))
         finally:
             model.train(was_training)
+        return grads, sizes
 
-    def _cosines(self, current: str, grads: dict[str, dict[str, torch.Tensor]], stage: int, per_group: bool = True) -> dict[str, Any]:
-        earlier = set(self.stage_objectives[: stage - 1])
-        out = {}
-        for other in grads:
-            if other == current or current not in grads:
-                continue
-            res = G.grouped_cosine(grads[current], grads[other])
-            if not per_group:
-                res = {"total": res["total"]}
-            res["earlier"] = other in earlier
-            out[pair_key(current, other)] = res
-        return out
+    def _probe(self, trainer, step: int, per_group: bool) -> tuple[dict[str, Any], GP.ProbeGram, dict, dict]:
+        """One trace point: the cosines of the stage's objective with every other, with noise floors and intervals."""
+        stage = self._stage
+        grads, sizes = self._block_gradients(trainer)
+        gram = GP.ProbeGram(grads, sizes, per_group=per_group)
+        cosines = GP.pair_cosines(
+            gram, self.stage_objectives[stage - 1], set(self.stage_objectives[: stage - 1]), per_group=per_group
+        )
+        point = {"step": step, "grad_cosine": cosines}
+        self._trace.append(point)
+        from seqdpo.runner import is_main_process
+
+        if is_main_process():
+            with open(self._trace_path(stage), "a") as f:
+                f.write(json.dumps(_jsonable({**point, "grad_cosine": {p: _trace_entry(v) for p, v in cosines.items()}})) + "\n")
+        return cosines, gram, grads, sizes
 
     def _trace_point(self, trainer, step: int) -> None:
-        stage = self._stage
-        current = self.stage_objectives[stage - 1]
-        grads = self._gradients(trainer, self.objectives)
-        self._trace.append({"step": step, "grad_cosine": self._cosines(current, grads, stage, per_group=False)})
+        self._probe(trainer, step, per_group=False)
+
+    def _trace_path(self, stage: int) -> Path:
+        d = self.out_dir / f"stage_{stage}"
+        d.mkdir(parents=True, exist_ok=True)
+        return d / TRACE_FILE
+
+    def _saved_trace(self, stage: int) -> list[dict[str, Any]]:
+        """Trace points on disk, one per step (a resumed stage's later entry for a step wins)."""
+        path = self.out_dir / f"stage_{stage}" / TRACE_FILE
+        if not path.exists():
+            return [{**p, "grad_cosine": {k: _trace_entry(v) for k, v in p["grad_cosine"].items()}} for p in self._trace]
+        points = {}
+        for line in path.read_text().splitlines():
+            if line.strip():
+                p = json.loads(line)
+                points[p["step"]] = p
+        return [points[s] for s in sorted(points)]
 
     # -- hooks -----------------------------------------------------------------------------------
     def on_stage_start(self, stage: int, trainer) -> None:
@@ -149,15 +185,16 @@ class DiagnosticsRecorder:
         self._stage_result = {"stage": stage, "objective": self.stage_objectives[stage - 1]}
         self._states[stage - 1] = M.state_from_model(trainer.model)
         if self.dcfg.grad_cosine:
-            current = self.stage_objectives[stage - 1]
-            self._start_grads = self._gradients(trainer, self.objectives)
-            self._stage_result["grad_cosine"] = self._cosines(current, self._start_grads, stage)
-            self._stage_result["grad_norm"] = {
-                n: math.sqrt(sum(float((g.double() ** 2).sum()) for g in gr.values())) for n, gr in self._start_grads.items()
+            cosines, gram, grads, sizes = self._probe(trainer, 0, per_group=True)
+            self._start_grads = {n: GP.mean_gradient(grads[n], sizes[n]) for n in grads}
+            self._stage_result["grad_cosine"] = cosines
+            self._stage_result["grad_norm"] = {n: gram.norm(n) for n in gram.objectives}
+            self._stage_result["probe"] = {
+                "source": self.dcfg.probe_source, "pairs": {n: len(r) for n, r in self.grad_probes.items()},
+                "blocks": {n: len(s) for n, s in sizes.items()},
             }
-            every = int(self.dcfg.grad_cosine_every)
-            if every > 0:
-                self._callback = _grad_cosine_callback(self, trainer, every)
+            if int(self.dcfg.grad_cosine_points) > 1:
+                self._callback = _grad_cosine_callback(self, trainer, int(self.dcfg.grad_cosine_points))
                 trainer.add_callback(self._callback)
 
     def _state_after(self, k: int) -> dict[str, torch.Tensor] | None:
@@ -175,7 +212,12 @@ class DiagnosticsRecorder:
         if self._callback is not None:
             trainer.remove_callback(self._callback)
             self._callback = None
-            res["grad_cosine_trace"] = self._trace
+        if self.dcfg.grad_cosine:
+            # progress = stage - 1 + step / steps of the stage: one axis for every stage and order
+            total = int(getattr(trainer.state, "max_steps", 0) or 0) if hasattr(trainer, "state") else 0
+            res["grad_cosine_trace"] = [
+                {**p, "progress": stage - 1 + (p["step"] / total if total > 0 else 0.0)} for p in self._saved_trace(stage)
+            ]
         end = M.state_from_model(trainer.model)
         start = self._state_after(stage - 1)
         self._states[stage] = end
@@ -245,6 +287,11 @@ class DiagnosticsRecorder:
         return _jsonable(out)
 
 
+def _trace_entry(res: dict[str, Any]) -> dict[str, Any]:
+    """A cosine without its per-layer / per-module breakdown (what the step trace keeps)."""
+    return {k: v for k, v in res.items() if k not in ("per_layer", "per_module")}
+
+
 def compact_stage(d: dict[str, Any]) -> dict[str, Any]:
     """A stage's diagnostics without the per-module entries (kept in stage_k/diagnostics.json)."""
     drop = {"raw_per_module", "effective_per_module"}
@@ -283,6 +330,27 @@ def wandb_payload(stage_diag: dict[str, Any]) -> dict[str, float]:
         for pair, v in trace[-1]["grad_cosine"].items():
             out[f"diag/grad_cosine_last/{pair}"] = float(v["total"]) if v.get("total") is not None else float("nan")
     return out
+
+
+def grad_cosine_rows(stage_diag: dict[str, Any]) -> list[dict[str, float]]:
+    """One row per trace point for a W&B series over `progress` (stage - 1 + step / steps of the stage).
+
+    Pairs are keyed with their objectives sorted (`factual__polite` in every stage and order), so the
+    series of one pair runs through all stages and overlays across orders.
+    """
+    rows = []
+    for point in stage_diag.get("grad_cosine_trace") or []:
+        row: dict[str, float] = {"progress": float(point["progress"]), "stage": float(stage_diag["stage"])}
+        for pair, res in point["grad_cosine"].items():
+            key = pair_key(*sorted(pair.split("__", 1)))
+            for field in ("total", "ci_low", "ci_high", "corrected"):
+                if res.get(field) is not None:
+                    row[f"{key}/{field}"] = float(res[field])
+            for obj, floor in (res.get("noise_floor") or {}).items():
+                if floor is not None:
+                    row[f"noise_floor/{obj}"] = float(floor)
+        rows.append(row)
+    return rows
 
 
 def report_tables(job_diag: dict[str, Any]) -> dict[str, pd.DataFrame]:

@@ -12,6 +12,7 @@ from seqdpo.report.behaviour import behaviour_section, plot_disagreement
 from seqdpo.report.doc import Doc
 from seqdpo.report.grouping import setting_label, slug
 from seqdpo.report.jobs import FACTORS, SETTING, Job, find_job_dirs, load_job
+from seqdpo.report.grad_trace import plot_grad_cosine_trace
 from seqdpo.report.plots import plot_forgetting_by_order, plot_grad_cosine, plot_heatmaps, plot_quartiles, plot_scatter
 from seqdpo.report.seeds import (
     csv_frame,
@@ -160,6 +161,7 @@ def _jobs_section(doc: Doc, group: list[Job], title: str, name: str, out: Path) 
                 if c in diag.columns]
         doc.table(diag[keep])
         doc.img(plot_grad_cosine(group, title, out / f"gradcos_{name}.png"), out)
+        doc.img(plot_grad_cosine_trace(group, title, out / f"gradcos_trace_{name}.png"), out)
     doc.h(5, "3D-properties: log-likelihood change vs the base (per token)")
     doc.table(likelihood_side_by_side(group))
 
@@ -177,5 +179,6 @@ def job_plots(job_dir: Path) -> dict[str, Path]:
         "margin_scatter": plot_scatter([job], title, out / "margin_scatter.png"),
         "grad_cosine": plot_grad_cosine([job], title, out / "grad_cosine.png"),
         "behaviour": plot_disagreement([job], title, out / "behaviour.png"),
+        "grad_cosine_trace": plot_grad_cosine_trace([job], title, out / "grad_cosine_trace.png"),
     }
     return {name: path for name, path in made.items() if path is not None}

@@ -1,0 +1,184 @@
+"""Gradient cosines between objectives with a noise floor and an interval, from block gradients.
+
+A probe set of n pairs of an objective is cut into K blocks (`np.array_split`, K = diagnostics.probe_blocks);
+one backward pass per block gives the gradient g_b of the block's mean loss. Every number below is read
+off the Gram matrix of all blocks of all objectives, G[u, v] = <g_u, g_v> (per parameter group), so
+nothing larger than K x objectives gradients is held, and only while one probe runs:
+
+    gradient of objective j     g_j = sum_b (n_b / n) g_b over j's blocks (= the gradient of the mean loss)
+    cosine                      cos(g_i, g_j) = <g_i, g_j> / (|g_i| |g_j|)
+    noise floor of j            the split-half cosine of j with itself: cos(g_j[S], g_j[S']) for a balanced
+                                split S | S' of j's blocks, averaged over all such splits. It is what two
+                                independent halves of the SAME objective agree on: 1 = the probe measures
+                                the direction exactly; near 0 = the probe is noise, and so is any cosine
+                                between objectives measured with it.
+    interval                    95 % delete-one-block jackknife: c_(b) = the cosine without block b (of i or
+                                of j), var = sum over i's blocks of (K_i - 1)/K_i (c_(b) - mean_i)^2 + the
+                                same over j's, interval = c +- t(0.975, min(K_i, K_j) - 1) sqrt(var),
+                                clipped to [-1, 1]. A percentile bootstrap is no good here: resampling
+                                blocks with replacement adds noise to both gradients and pulls every
+                                draw towards 0, so its interval can miss the point estimate.
+                                The interval is the sampling spread at this probe size; the noise itself
+                                also shrinks every cosine towards 0 (next line), which no interval fixes.
+    corrected                   the cosine corrected for that shrinkage (Spearman's correction for
+                                attenuation): cos / sqrt(r_i r_j), with r = 2 f / (1 + f) the reliability of
+                                the full probe from its noise floor f (Spearman-Brown); None when a floor
+                                is <= 0. It estimates the cosine of the expected gradients; read it only
+                                when both floors are well above 0.
+
+Blocks rather than single pairs carry the interval because one backward pass per pair would multiply the
+probe's cost by the block size; K = 8 blocks of 8 pairs is the default.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from seqdpo.analysis import gradients as G
+
+TOTAL = "total"
+
+
+def block_gradients(
+    loss_fn: Callable[[list[dict]], torch.Tensor],
+    params: dict[str, torch.nn.Parameter],
+    features: list[dict],
+    blocks: int,
+) -> tuple[list[dict[str, torch.Tensor]], np.ndarray]:
+    """(gradient of each block's mean loss, block sizes): one backward per block."""
+    if len(features) == 0:
+        raise ValueError("block_gradients needs at least one feature")
+    idx = [b for b in np.array_split(np.arange(len(features)), min(blocks, len(features))) if len(b)]
+    grads = [G.objective_gradient(loss_fn, params, [features[i] for i in b], len(b)) for b in idx]
+    return grads, np.array([len(b) for b in idx], dtype=float)
+
+
+class ProbeGram:
+    """Gram matrices of the block gradients of several objectives: `total`, and per layer / module type."""
+
+    def __init__(self, block_grads: dict[str, list[dict[str, torch.Tensor]]], sizes: dict[str, np.ndarray],
+                 per_group: bool = False):
+        self.objectives = list(block_grads)
+        self.rows: dict[str, np.ndarray] = {}
+        flat: list[dict[str, torch.Tensor]] = []
+        for name in self.objectives:
+            self.rows[name] = np.arange(len(flat), len(flat) + len(block_grads[name]))
+            flat += block_grads[name]
+        self.sizes = sizes
+        self.gram: dict[str, np.ndarray] = {}
+        keys = sorted(flat[0]) if flat else []
+        for key in keys:
+            x = torch.stack([g[key].double().flatten() for g in flat])
+            gk = (x @ x.T).numpy()
+            groups = [TOTAL]
+            if per_group:
+                layer, module = G.layer_of(key), G.module_type_of(key)
+                groups += ([f"layer:{layer}"] if layer is not None else []) + ([f"module:{module}"] if module is not None else [])
+            for grp in groups:
+                self.gram[grp] = self.gram.get(grp, 0) + gk
+
+    def _weights(self, name: str, blocks: np.ndarray | None = None) -> np.ndarray:
+        """Row weights of the mean gradient of `name` over `blocks` (indices into its blocks; repeats allowed)."""
+        w = np.zeros(sum(len(r) for r in self.rows.values()))
+        blocks = np.arange(len(self.rows[name])) if blocks is None else np.asarray(blocks)
+        np.add.at(w, self.rows[name][blocks], self.sizes[name][blocks])
+        return w / w.sum()
+
+    def cosine(self, a: str, b: str, group: str = TOTAL) -> float:
+        return _cos(self.gram[group], self._weights(a), self._weights(b))
+
+    def norm(self, name: str) -> float:
+        w = self._weights(name)
+        return math.sqrt(max(float(w @ self.gram[TOTAL] @ w), 0.0))
+
+    def noise_floor(self, name: str) -> float | None:
+        """Split-half cosine of `name` with itself, averaged over the balanced splits of its blocks."""
+        k = len(self.rows[name])
+        if k < 2:
+            return None
+        # Splits containing block 0 on the left enumerate each unordered split once.
+        cos = [
+            _cos(self.gram[TOTAL], self._weights(name, np.array(left)), self._weights(name, np.array(sorted(set(range(k)) - set(left)))))
+            for left in itertools.combinations(range(k), k // 2)
+            if 0 in left
+        ]
+        return float(np.nanmean(cos))
+
+    def interval(self, a: str, b: str) -> tuple[float, float] | tuple[None, None]:
+        """95 % delete-one-block jackknife interval of cos(g_a, g_b) (module docstring)."""
+        ka, kb = len(self.rows[a]), len(self.rows[b])
+        point = self.cosine(a, b)
+        if min(ka, kb) < 2 or not math.isfinite(point):
+            return None, None
+        g, var = self.gram[TOTAL], 0.0
+        for name, k, other in ((a, ka, self._weights(b)), (b, kb, self._weights(a))):
+            drop = [_cos(g, self._weights(name, np.delete(np.arange(k), i)), other) for i in range(k)]
+            var += (k - 1) / k * float(np.sum((np.array(drop) - np.mean(drop)) ** 2))
+        half = t_quantile_975(min(ka, kb) - 1) * math.sqrt(var)
+        return max(point - half, -1.0), min(point + half, 1.0)
+
+    def groups(self, prefix: str) -> list[str]:
+        return sorted((g[len(prefix) + 1 :] for g in self.gram if g.startswith(prefix + ":")), key=G.group_sort_key)
+
+
+def t_quantile_975(df: int) -> float:
+    """Student t 97.5 % quantile: Cornish-Fisher expansion around the normal's 1.96 (within 0.01 for df >= 3)."""
+    if df <= 2:
+        return {1: 12.706, 2: 4.303}[max(df, 1)]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2) + (
+        3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z
+    ) / (384 * df**3)
+
+
+def _cos(g: np.ndarray, u: np.ndarray, v: np.ndarray) -> float:
+    denom = math.sqrt(max(float(u @ g @ u), 0.0)) * math.sqrt(max(float(v @ g @ v), 0.0))
+    return float(u @ g @ v) / denom if denom > 0 else float("nan")
+
+
+def pair_cosines(gram: ProbeGram, current: str, earlier: set[str], per_group: bool = False) -> dict[str, Any]:
+    """{"<current>__<other>": {total, ci_low, ci_high, noise_floor: {current, other}, earlier[, per_layer, per_module]}}."""
+    out: dict[str, Any] = {}
+    if current not in gram.rows:
+        return out
+    floors = {n: gram.noise_floor(n) for n in gram.objectives}
+    for other in gram.objectives:
+        if other == current:
+            continue
+        lo, hi = gram.interval(current, other)
+        total = gram.cosine(current, other)
+        res: dict[str, Any] = {
+            "total": total, "ci_low": lo, "ci_high": hi, "corrected": corrected(total, floors[current], floors[other]),
+            "noise_floor": {current: floors[current], other: floors[other]}, "earlier": other in earlier,
+        }
+        if per_group:
+            for label, prefix in (("per_layer", "layer"), ("per_module", "module")):
+                res[label] = {grp: gram.cosine(current, other, f"{prefix}:{grp}") for grp in gram.groups(prefix)}
+        out[f"{current}__{other}"] = res
+    return out
+
+
+def corrected(cos: float, floor_a: float | None, floor_b: float | None) -> float | None:
+    """cos / sqrt(r_a r_b), r = 2 f / (1 + f) from the split-half floors f (module docstring)."""
+    if floor_a is None or floor_b is None or floor_a <= 0 or floor_b <= 0 or not math.isfinite(cos):
+        return None
+    r_a, r_b = 2 * floor_a / (1 + floor_a), 2 * floor_b / (1 + floor_b)
+    return cos / math.sqrt(r_a * r_b)
+
+
+def mean_gradient(block_grads: list[dict[str, torch.Tensor]], sizes: np.ndarray) -> dict[str, torch.Tensor]:
+    """The gradient of the mean loss over all blocks' pairs (block gradients weighted by block size)."""
+    w = sizes / sizes.sum()
+    return {k: sum(float(wi) * g[k] for wi, g in zip(w, block_grads)) for k in block_grads[0]}
+
+
+def trace_steps(max_steps: int, points: int) -> list[int]:
+    """`points` optimizer steps spread evenly over a stage of `max_steps` steps, both ends included."""
+    if points <= 1 or max_steps <= 0:
+        return [0]
+    return sorted({round(i * max_steps / (points - 1)) for i in range(points)})
