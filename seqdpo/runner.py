@@ -39,10 +39,14 @@ def run_job(cfg: RunConfig, out_dir: str, *, group: str | None = None) -> dict:
     sig = C.signature(cfg)
     if is_main_process():
         _claim_output_dir(out, cfg, sig)
+    # A rerun of a finished job (every stage DONE) adds nothing its W&B run lacks: it opens none.
+    finished = _read_state(out) == "done" and all(
+        (out / f"stage_{k}" / "DONE").exists() for k in range(len(C.stage_objectives(cfg)) + 1)
+    )
     _write_status(out, "running", stage=None)
     from seqdpo.tracking import Tracker
 
-    tracker = Tracker(cfg, out, signature=sig, group=group) if is_main_process() else None
+    tracker = Tracker(cfg, out, signature=sig, group=group, finished=finished) if is_main_process() else None
     try:
         matrix = _run_stages(cfg, out, tracker)
     except BaseException as e:  # KeyboardInterrupt and SystemExit too: the status must say the job stopped
@@ -113,7 +117,7 @@ def _run_stages(cfg: RunConfig, out: Path, tracker) -> dict:
     refs = _ReferenceSource(cfg, peft_model, fingerprint)
     eval_tok = {n: refs.with_base(ds, batch_size=cfg.eval.batch_size) for n, ds in eval_tok.items()}
     train_sets = _stage_train_sets(cfg, stage_objs, train_tok, refs)
-    recorder = _diagnostics_recorder(cfg, out, eval_tok)
+    recorder = _diagnostics_recorder(cfg, out, eval_tok, train_tok, refs)
     behaviour = _behaviour_eval(cfg, out, tok, objectives, peft_model, fingerprint, tracker)
 
     def behave(stage: int, sd: Path) -> dict:  # generation and scoring, written before the stage's DONE
@@ -178,6 +182,9 @@ def _write_results(cfg: RunConfig, out: Path, tracker, stage_names, objectives, 
         tracker.log_matrix(matrix)
         tracker.summary({"reference_forwards/" + k: v for k, v in matrix["reference_forwards"].items()})
         if job_diag is not None:
+            from seqdpo.wandb_keys import transfer_summary
+
+            tracker.summary(transfer_summary(job_diag.get("transfer") or {}))
             tracker.log_tables(report_tables(job_diag))
         tracker.log_images(job_plots(out))
         if behaviour is not None:
@@ -191,11 +198,13 @@ def _finish_stage(sd: Path, pairs: pd.DataFrame, info: dict, tracker, k: int) ->
         return
     sd.mkdir(parents=True, exist_ok=True)
     pairs.to_parquet(sd / "pairs.parquet", index=False)
+    from seqdpo.wandb_keys import eval_row
+
     g = pairs.groupby("objective")
-    metrics = {f"stage{k}/eval/{o}/accuracy": float(a) for o, a in g.accuracy.mean().items()}
-    metrics.update({f"stage{k}/eval/{o}/margin_mean": float(a) for o, a in g.margin.mean().items()})
+    row = eval_row(k, {"accuracy": g.accuracy.mean().to_dict(), "margin_mean": g.margin.mean().to_dict()})
     if tracker is not None:
-        tracker.log(metrics)
+        tracker.series("eval", "stage", [row])  # eval/<objective>/<metric> over eval/stage
+    metrics = {f"eval/{key}": v for key, v in row.items()}
     (sd / "DONE").write_text(json.dumps({"finished": time.time(), **metrics, **info}, indent=1, default=float))
 
 
@@ -224,9 +233,10 @@ def _train_stage(cfg, peft_model, tok, train_ds, sd: Path, k: int, tracker, reco
         if is_main_process():
             (sd / "diagnostics.json").write_text(json.dumps(diag, indent=1, default=float))
             if tracker is not None:
-                from seqdpo.analysis.diagnostics import wandb_payload
+                from seqdpo.analysis.diagnostics import grad_cosine_rows, wandb_payload
 
                 tracker.summary({f"stage{k}/{key}": v for key, v in wandb_payload(diag).items()})
+                tracker.series("grad_cosine", "progress", grad_cosine_rows(diag))
     if is_main_process():
         peft_model.save_pretrained(sd / "adapter")
         with open(sd / "train_log.jsonl", "w") as f:
@@ -314,13 +324,27 @@ def _stage_train_sets(cfg: RunConfig, stage_objs: list[str], train_tok: dict, re
     return partition_stages(stage_objs, train_tok, cfg.order.partition, cfg.seed, base_margins)
 
 
-def _diagnostics_recorder(cfg: RunConfig, out: Path, eval_tok: dict):
+def _diagnostics_recorder(cfg: RunConfig, out: Path, eval_tok: dict, train_tok: dict, refs: _ReferenceSource):
     d = cfg.diagnostics
     if not (d.grad_cosine or d.adapter_movement or d.likelihood):
         return None
     from seqdpo.analysis.diagnostics import DiagnosticsRecorder
 
-    return DiagnosticsRecorder(cfg, out, eval_tok)
+    probes = None
+    if d.grad_cosine and d.probe_source == "train":
+        # The first probe_pairs training pairs of each objective, with the base reference (as eval rows carry).
+        probes = {
+            n: refs.with_base(ds.select(range(min(d.probe_pairs, len(ds)))), batch_size=cfg.eval.batch_size)
+            for n, ds in train_tok.items()
+        }
+    return DiagnosticsRecorder(cfg, out, eval_tok, probes)
+
+
+def _read_state(out: Path) -> str | None:
+    try:
+        return json.loads((out / "status.json").read_text()).get("state")
+    except (OSError, ValueError):
+        return None
 
 
 def _behaviour_eval(cfg: RunConfig, out: Path, tok, objectives, peft_model, fingerprint: str, tracker):

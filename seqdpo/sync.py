@@ -12,10 +12,15 @@ uploads them in start-time order into that one run.
     python -m seqdpo.sync outputs/multirun                                   # upload
     python -m seqdpo.sync outputs --project myproj --entity me               # override project/entity
 
+A run id belongs to one job directory (`wandb_run_id.txt`, drawn once per directory). Offline runs of
+one id found in two different job directories (copied directories, or jobs from before ids were drawn
+per directory, when the id was the config hash) would be merged into one W&B run: they are refused,
+listed, and nothing is uploaded, unless `--allow-duplicate-ids`.
+
 Runs whose job is still running (status.json says "running") are left for a later call unless
 `--include-running`, because a partial upload cannot be completed later by the same call.
 Exit status: 0 when nothing was to be done or `wandb sync` succeeded, else `wandb sync`'s status (or 2
-for a bad argument).
+for a bad argument or run ids shared by several job directories).
 """
 
 from __future__ import annotations
@@ -67,6 +72,14 @@ def find_offline_runs(roots: list[Path]) -> list[OfflineRun]:
     return sorted(runs.values(), key=lambda r: str(r.run_dir))
 
 
+def shared_ids(runs: list[OfflineRun]) -> dict[str, list[Path]]:
+    """Run id -> the job directories holding it, for ids found in more than one job directory."""
+    dirs: dict[str, set[Path]] = {}
+    for r in runs:
+        dirs.setdefault(r.run_id, set()).add(r.run_dir.parent.parent.resolve())
+    return {run_id: sorted(d) for run_id, d in sorted(dirs.items()) if len(d) > 1}
+
+
 def wandb_executable() -> str:
     """The `wandb` CLI: the one on PATH, else the one next to this interpreter (a venv not on PATH)."""
     found = shutil.which("wandb") or shutil.which("wandb", path=str(Path(sys.executable).parent))
@@ -95,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--include-running", action="store_true", help="also upload runs of jobs still running")
     p.add_argument("--project", help="override the W&B project of every uploaded run")
     p.add_argument("--entity", help="override the W&B entity of every uploaded run")
+    p.add_argument("--allow-duplicate-ids", action="store_true",
+                   help="upload even when one run id is in several job directories (they merge into one W&B run)")
     p.epilog = "Arguments after `--` go to `wandb sync` as they are, e.g. `-- --verbose`."
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
@@ -121,6 +136,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {r.run_id}: {r.run_dir}")
     if not todo:
         return 0
+    shared = shared_ids(todo)
+    if shared:
+        for run_id, dirs in shared.items():
+            print(f"  run id {run_id} is in {len(dirs)} job directories: " + ", ".join(map(str, dirs)), file=sys.stderr)
+        if not args.allow_duplicate_ids:
+            print(f"seqdpo.sync: {len(shared)} run id(s) shared by several job directories would merge into one "
+                  "W&B run; nothing uploaded. Give each job its own id (delete its wandb_run_id.txt and wandb/ and "
+                  "rerun it) or pass --allow-duplicate-ids", file=sys.stderr)
+            return 2
+        print(f"seqdpo.sync: warning: uploading {len(shared)} shared run id(s) anyway (--allow-duplicate-ids)", file=sys.stderr)
     try:
         exe = wandb_executable()
     except FileNotFoundError as e:

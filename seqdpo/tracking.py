@@ -1,29 +1,52 @@
 """Metrics of a job: a local `metrics.jsonl` always, and one W&B run per job unless `logger=none`.
 
 W&B runs offline by default (compute nodes rarely reach the internet); `python -m seqdpo.sync`
-uploads a sweep's offline runs later. The run id is the config signature with `resume="allow"`, so
-a requeued or rerun job continues its run instead of opening a duplicate. Training curves are logged
-per stage under `stage<k>/...` with their own step axis, because each stage's Trainer restarts its
-global step at 0.
+uploads a sweep's offline runs later. The run id belongs to the job directory: `seqdpo-<signature>-<random>`,
+drawn once and kept in `wandb_run_id.txt`, so two directories never share a run (not even with one config)
+and a requeued or rerun job continues its own run (`resume="allow"`). A rerun of a finished job opens no
+W&B run at all: its run already holds everything, and a second offline directory would log it twice.
+Training curves are logged per stage under `stage<k>/...` with their own step axis, because each
+stage's Trainer restarts its global step at 0; the key layout is in `seqdpo/wandb_keys.py`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import secrets
 import time
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-from seqdpo.config import RunConfig, to_dict
+from seqdpo.config import RunConfig
+from seqdpo.wandb_keys import flat_config
+
+log = logging.getLogger("seqdpo")
+RUN_ID_FILE = "wandb_run_id.txt"
+
+
+def job_run_id(out_dir: Path, signature: str) -> tuple[str, bool]:
+    """(the W&B run id of the job directory, whether it was drawn just now)."""
+    path = Path(out_dir) / RUN_ID_FILE
+    if path.exists():
+        return path.read_text().strip(), False
+    run_id = f"seqdpo-{signature}-{secrets.token_hex(4)}"
+    path.write_text(run_id + "\n")
+    return run_id, True
 
 
 class Tracker:
-    def __init__(self, cfg: RunConfig, out_dir: Path, *, signature: str, group: str | None):
+    def __init__(self, cfg: RunConfig, out_dir: Path, *, signature: str, group: str | None, finished: bool = False):
+        """`finished`: the job was done before this process started (a rerun of a finished job)."""
         self.path = Path(out_dir) / "metrics.jsonl"
         self.run = None
         if cfg.logger.name == "none":
+            return
+        run_id, new = job_run_id(out_dir, signature)
+        if finished and not new:
+            log.info("W&B run %s already holds this finished job: this rerun logs to %s only", run_id, self.path)
             return
         import wandb
 
@@ -31,7 +54,7 @@ class Tracker:
         self.run = wandb.init(
             project=cfg.logger.project,
             entity=cfg.logger.entity,
-            id=f"seqdpo-{signature}",
+            id=run_id,
             resume="allow",
             dir=str(out_dir),
             group=cfg.logger.group or group or "single",
@@ -39,7 +62,7 @@ class Tracker:
             name=f"{cfg.dataset.name}-{cfg.order.name}-{cfg.loss.name}-b{cfg.beta}-lr{cfg.lr}-r{cfg.lora.r}-s{cfg.seed}",
             tags=[cfg.dataset.name, f"order={cfg.order.name}", f"loss={cfg.loss.name}", f"reference={cfg.reference}",
                   f"model={cfg.model.name}", *cfg.logger.tags],
-            config=to_dict(cfg),
+            config=flat_config(cfg),
             reinit="create_new",  # one run per job even when a multirun runs several jobs in one process
         )
 
@@ -55,16 +78,26 @@ class Tracker:
         if self.run is not None:
             self.run.summary.update(data)
 
+    def series(self, prefix: str, axis: str, rows: list[dict]) -> None:
+        """Rows of a W&B series: every `prefix/...` key is plotted against `prefix/axis` instead of W&B's
+        global step, which counts differently in every run, so runs overlay on a shared axis."""
+        if self.run is not None:
+            self.run.define_metric(f"{prefix}/{axis}")
+            self.run.define_metric(f"{prefix}/*", step_metric=f"{prefix}/{axis}")
+        for row in rows:
+            self.log({f"{prefix}/{k}": v for k, v in row.items()})
+
     def log_matrix(self, matrix: dict) -> None:
         """Each metric of the stage x objective matrix as summary keys and as one W&B table."""
-        flat = {}
-        rows = []
-        for metric, values in matrix["metrics"].items():
-            for k, (stage, row) in enumerate(zip(matrix["stages"], values)):
-                for obj, v in zip(matrix["objectives"], row):
-                    flat[f"matrix/{metric}/{k}:{stage}/{obj}"] = v
-                    rows.append([metric, k, stage, obj, v])
-        self.summary(flat)
+        from seqdpo.wandb_keys import matrix_summary
+
+        rows = [
+            [metric, k, stage, obj, v]
+            for metric, values in matrix["metrics"].items()
+            for k, (stage, row) in enumerate(zip(matrix["stages"], values))
+            for obj, v in zip(matrix["objectives"], row)
+        ]
+        self.summary(matrix_summary(matrix))
         if self.run is not None:
             import wandb
 

@@ -63,7 +63,8 @@ def _check_resumed(job_dir, reference_dir, stage1_done_before):
     assert_same_pairs(job_dir / "pairs.parquet", reference_dir / "pairs.parquet")
     ids = offline_run_ids(job_dir)
     assert len(ids) == 2 and len(set(ids)) == 1, f"expected one W&B run resumed once, got {ids}"
-    assert ids[0] == "seqdpo-" + (job_dir / "signature.txt").read_text().strip()
+    assert ids[0] == (job_dir / "wandb_run_id.txt").read_text().strip()
+    assert ids[0].startswith("seqdpo-" + (job_dir / "signature.txt").read_text().strip() + "-")
 
 
 def test_killed_job_resumes(reference_run, tmp_path):

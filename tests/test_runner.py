@@ -138,14 +138,23 @@ def _mtimes(out):
     return {p: os.stat(p).st_mtime_ns for p in sorted(out.glob("stage_*/DONE")) + sorted(out.glob("stage_*/adapter/*"))}
 
 
+def _offline_runs(out):
+    return sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
 def test_rerun_skips_finished_stages(job):
     cfg, out, matrix = job
     before = _mtimes(out)
+    run_id = (out / "wandb_run_id.txt").read_text().strip()
+    assert [f.name for f in _offline_runs(out)] == [f"run-{run_id}.wandb"]
     assert run_job(cfg, str(out))["metrics"] == matrix["metrics"]
     assert _mtimes(out) == before  # nothing retrained, nothing re-evaluated
+    assert len(_offline_runs(out)) == 1  # a finished job's rerun adds no W&B run directory
 
     (out / "stage_2" / "DONE").unlink()
     again = run_job(cfg, str(out))
+    # new work resumes the same W&B run (an offline process writes its own directory; sync merges them)
+    assert [f.name for f in _offline_runs(out)] == [f"run-{run_id}.wandb"] * 2
     after = _mtimes(out)
     stage1 = [p for p in before if "stage_1" in str(p) or "stage_0" in str(p)]
     assert all(after[p] == before[p] for p in stage1)  # stage 1 reloaded, not retrained
@@ -165,15 +174,24 @@ def test_wandb_offline_run_holds_the_matrix(job):
 
     cfg, out, matrix = job
     # The rerun tests above resumed the same run id: each process writes its own offline file.
-    runs = [read_run(f) for f in sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))]
+    runs = [read_run(f) for f in _offline_runs(out)]
     assert len(runs) >= 1 and len({r["run_id"] for r in runs}) == 1
     run = runs[-1]
     history = [row for r in runs for row in r["history"]]
-    assert run["run_id"].startswith("seqdpo-") and f"order={cfg.order.name}" in run["tags"]
+    assert run["run_id"] == (out / "wandb_run_id.txt").read_text().strip() and f"order={cfg.order.name}" in run["tags"]
+    # flat config keys: W&B groups runs by any of them
+    assert {"dataset", "order", "loss", "lora_r", "beta", "lr", "seed", "reference", "cfg"} <= set(runs[0]["config_keys"])
     objectives, stages = matrix["objectives"], matrix["stages"]
-    for k, stage in enumerate(stages):
+    for k in range(len(stages)):
+        # eval series: one row per stage on the eval/stage axis, the same keys in every order
+        (row,) = [r for r in runs[0]["history"] if r.get("eval/stage") == k]
         for j, obj in enumerate(objectives):
-            key = f"matrix/accuracy/{k}:{stage}/{obj}"
+            assert row[f"eval/{obj}/accuracy"] == pytest.approx(matrix["metrics"]["accuracy"][k][j])
+            key = f"matrix/accuracy/stage{k}/{obj}"
             assert run["summary"][key] == pytest.approx(matrix["metrics"]["accuracy"][k][j])
+    transfer = json.loads((out / "diagnostics.json").read_text())["transfer"]["accuracy"]
+    assert run["summary"]["transfer/accuracy/BWT"] == pytest.approx(transfer["BWT"])
+    first = objectives[0]
+    assert run["summary"][f"transfer/accuracy/{first}/forgetting"] == pytest.approx(transfer["per_objective"][first]["forgetting"])
     assert any("stage1/train/loss" in row for row in history)
     assert any("stage2/train/rewards/margins" in row for row in history)

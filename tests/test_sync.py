@@ -132,3 +132,20 @@ def _fake_wandb(monkeypatch, tmp_path, marker, rc):
     )
     exe.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_a_run_id_in_two_job_directories_is_refused(tmp_path, capsys, monkeypatch):
+    """Two jobs that share an id (copied directories, or ids from before they were drawn per directory)
+    would merge into one W&B run: nothing is uploaded unless --allow-duplicate-ids."""
+    root = tmp_path / "multirun"
+    jobs = [root / "order=ab", root / "order=ba"]
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
+    r = subprocess.run([sys.executable, "-c", MAKE_RUNS, *(f"{j}@seqdpo-same" for j in jobs)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    marker = tmp_path / "called"
+    _fake_wandb(monkeypatch, tmp_path, marker, rc=0)
+    assert main([str(root)]) == 2
+    err = capsys.readouterr().err
+    assert "seqdpo-same" in err and all(str(j) in err for j in jobs) and not marker.exists()
+    assert main([str(root), "--allow-duplicate-ids"]) == 0 and marker.exists()

@@ -1,0 +1,81 @@
+"""The W&B keys a job writes, laid out so runs compare in W&B's UI without hand work.
+
+- config: flat keys `dataset`, `order`, `loss`, `lora_r`, `beta`, `lr`, `seed`, `reference` (group and
+  filter by any of them), the full resolved config under `cfg`.
+- eval series: `eval/<objective>/<metric>` against `eval/stage` (the stage index, 0 = base), one row per
+  stage, so a line plot overlays orders.
+- matrix summary: `matrix/<metric>/stage<k>/<objective>`: the same key in every order.
+- transfer summary: `transfer/<metric>/{BWT,FWT,forgetting,forgetting_max,ACC}` and
+  `transfer/<metric>/<objective>/{learning,forgetting,forward,backward}`.
+- interval summary (matrix.json's `intervals`, when present): `interval/<metric>/...` flattened, verdicts as
+  strings under `verdict/...`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from seqdpo.config import RunConfig, to_dict
+
+PER_OBJECTIVE = ("learning", "forgetting", "forward", "backward")
+AGGREGATES = ("BWT", "FWT", "forgetting", "forgetting_max", "ACC")
+
+
+def flat_config(cfg: RunConfig) -> dict[str, Any]:
+    return {
+        "dataset": cfg.dataset.name, "order": cfg.order.name, "loss": cfg.loss.name, "lora_r": cfg.lora.r,
+        "beta": cfg.beta, "lr": cfg.lr, "seed": cfg.seed, "reference": cfg.reference, "cfg": to_dict(cfg),
+    }
+
+
+def eval_row(stage: int, summary: dict[str, dict[str, float]]) -> dict[str, float]:
+    """One row of the eval series: {"stage": k, "<objective>/<metric>": value} from {metric: {objective: value}}."""
+    row: dict[str, float] = {"stage": stage}
+    for metric, per_objective in summary.items():
+        row.update({f"{obj}/{metric}": float(v) for obj, v in per_objective.items()})
+    return row
+
+
+def matrix_summary(matrix: dict) -> dict[str, float]:
+    return {
+        f"matrix/{metric}/stage{k}/{obj}": v
+        for metric, values in matrix["metrics"].items()
+        for k, row in enumerate(values)
+        for obj, v in zip(matrix["objectives"], row)
+    }
+
+
+def transfer_summary(transfer: dict[str, Any]) -> dict[str, float]:
+    """BWT, FWT, forgetting, ... of diagnostics.json's `transfer` as scalars (None and NaN left out)."""
+    out: dict[str, float] = {}
+    for metric, t in transfer.items():
+        for key in AGGREGATES:
+            _put(out, f"transfer/{metric}/{key}", t.get(key))
+        for obj, per in (t.get("per_objective") or {}).items():
+            for key in PER_OBJECTIVE:
+                _put(out, f"transfer/{metric}/{obj}/{key}", per.get(key))
+    return out
+
+
+def flatten(prefix: str, x: Any) -> dict[str, Any]:
+    """Nested dicts to `prefix/a/b` keys; numbers and strings kept, lists indexed, None / NaN left out."""
+    out: dict[str, Any] = {}
+    if isinstance(x, dict):
+        for k, v in x.items():
+            out.update(flatten(f"{prefix}/{k}", v))
+    elif isinstance(x, (list, tuple)):
+        for i, v in enumerate(x):
+            out.update(flatten(f"{prefix}/{i}", v))
+    elif isinstance(x, str):
+        out[prefix] = x
+    else:
+        _put(out, prefix, x)
+    return out
+
+
+def _put(out: dict, key: str, value: Any) -> None:
+    if isinstance(value, bool):
+        out[key] = int(value)
+    elif isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
+        out[key] = float(value)

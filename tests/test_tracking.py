@@ -1,0 +1,31 @@
+"""W&B run ids belong to job directories: the same config in two directories is two runs, and a
+process that continues a directory continues its run. Real offline W&B files, read back."""
+
+import pytest
+
+from conftest import SMALL_JOB, run_config
+from seqdpo.config import signature
+from seqdpo.tracking import Tracker
+
+pytestmark = pytest.mark.slow
+
+
+def test_each_job_directory_has_its_own_run_id(tmp_path):
+    from wandb_offline import read_run
+
+    cfg = run_config([*SMALL_JOB, "logger=wandb"])
+    for name, x in (("a", 1.0), ("b", 2.0), ("a", 3.0)):  # a twice: a requeued or resumed job
+        (tmp_path / name).mkdir(exist_ok=True)
+        tracker = Tracker(cfg, tmp_path / name, signature=signature(cfg), group="g")
+        tracker.series("eval", "stage", [{"stage": 0, "polite/accuracy": x}])
+        tracker.finish()
+    runs = {name: [read_run(f) for f in sorted((tmp_path / name / "wandb").glob("offline-run-*/run-*.wandb"))]
+            for name in ("a", "b")}
+    id_a, id_b = ((tmp_path / n / "wandb_run_id.txt").read_text().strip() for n in ("a", "b"))
+    assert id_a != id_b and id_a.startswith(f"seqdpo-{signature(cfg)}-") and id_b.startswith(f"seqdpo-{signature(cfg)}-")
+    assert [r["run_id"] for r in runs["a"]] == [id_a, id_a] and [r["run_id"] for r in runs["b"]] == [id_b]
+    assert [r["history"][0]["eval/polite/accuracy"] for r in runs["a"]] == [1.0, 3.0]
+
+    # a finished job's rerun opens no run: its W&B run already holds everything
+    Tracker(cfg, tmp_path / "b", signature=signature(cfg), group="g", finished=True).finish()
+    assert len(list((tmp_path / "b" / "wandb").glob("offline-run-*"))) == 1
