@@ -40,7 +40,7 @@ BAD_VALUES = [
     ("model.tiny.num_key_value_heads=-1", "model.tiny.num_key_value_heads", "> 0"),
     ("model.tiny.vocab_size=0", "model.tiny.vocab_size", "> 0"),
     ("model.tiny.num_attention_heads=3", "model.tiny", "multiple of num_attention_heads"),
-    ("diagnostics.grad_cosine_every=-1", "diagnostics.grad_cosine_every", ">= 0"),
+    ("diagnostics.grad_cosine_points=0", "diagnostics.grad_cosine_points", ">= 1"),
     ("diagnostics.probe_pairs=0", "diagnostics.probe_pairs", ">= 1"),
     ("diagnostics.stay_threshold=-1", "diagnostics.stay_threshold", ">= 0"),
     ("diagnostics.redistribution_min_fraction=0.8", "diagnostics.redistribution_min_fraction", "[0, 0.5]"),
