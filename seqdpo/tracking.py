@@ -88,8 +88,9 @@ class Tracker:
             self.log({f"{prefix}/{k}": v for k, v in row.items()})
 
     def log_matrix(self, matrix: dict) -> None:
-        """Each metric of the stage x objective matrix as summary keys and as one W&B table."""
-        from seqdpo.wandb_keys import matrix_summary
+        """Each metric of the stage x objective matrix as summary keys (with intervals and verdicts when
+        matrix.json has them) and as one W&B table."""
+        from seqdpo.wandb_keys import interval_summary, matrix_summary
 
         rows = [
             [metric, k, stage, obj, v]
@@ -97,7 +98,7 @@ class Tracker:
             for k, (stage, row) in enumerate(zip(matrix["stages"], values))
             for obj, v in zip(matrix["objectives"], row)
         ]
-        self.summary(matrix_summary(matrix))
+        self.summary({**matrix_summary(matrix), **interval_summary(matrix)})
         if self.run is not None:
             import wandb
 

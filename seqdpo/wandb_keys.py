@@ -7,8 +7,10 @@
 - matrix summary: `matrix/<metric>/stage<k>/<objective>`: the same key in every order.
 - transfer summary: `transfer/<metric>/{BWT,FWT,forgetting,forgetting_max,ACC}` and
   `transfer/<metric>/<objective>/{learning,forgetting,forward,backward}`.
-- interval summary (matrix.json's `intervals`, when present): `interval/<metric>/...` flattened, verdicts as
-  strings under `verdict/...`.
+- intervals (matrix.json's `intervals`, when present): `<matrix or transfer key>_low` / `_high` beside each
+  value above.
+- verdicts (matrix.json's `verdicts`): `verdict/<column>/stage<k>/<objective>` = degraded | stable |
+  improved | redistributed, with `change/<column>/stage<k>/<objective>` and its `_low` / `_high`.
 """
 
 from __future__ import annotations
@@ -58,20 +60,31 @@ def transfer_summary(transfer: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def flatten(prefix: str, x: Any) -> dict[str, Any]:
-    """Nested dicts to `prefix/a/b` keys; numbers and strings kept, lists indexed, None / NaN left out."""
+def interval_summary(matrix: dict) -> dict[str, Any]:
+    """The intervals and verdicts of matrix.json (written by analysis/intervals.py) as summary keys."""
     out: dict[str, Any] = {}
-    if isinstance(x, dict):
-        for k, v in x.items():
-            out.update(flatten(f"{prefix}/{k}", v))
-    elif isinstance(x, (list, tuple)):
-        for i, v in enumerate(x):
-            out.update(flatten(f"{prefix}/{i}", v))
-    elif isinstance(x, str):
-        out[prefix] = x
-    else:
-        _put(out, prefix, x)
+    iv = matrix.get("intervals") or {}
+    for metric, values in (iv.get("metrics") or {}).items():
+        for k, row in enumerate(values):
+            for obj, cell in zip(matrix["objectives"], row):
+                _put_interval(out, f"matrix/{metric}/stage{k}/{obj}", cell)
+    for metric, per in (iv.get("transfer") or {}).items():
+        for obj, quantities in per.items():
+            base = f"transfer/{metric}" if obj == "_all" else f"transfer/{metric}/{obj}"
+            for quantity, cell in quantities.items():
+                _put_interval(out, f"{base}/{quantity}", cell)
+    for v in matrix.get("verdicts") or []:
+        key = f"{v['column']}/stage{v['stage']}/{v['objective']}"
+        out[f"verdict/{key}"] = str(v["verdict"])
+        _put(out, f"change/{key}", v.get("change"))
+        _put_interval(out, f"change/{key}", v.get("interval"))
     return out
+
+
+def _put_interval(out: dict, key: str, cell: Any) -> None:
+    if isinstance(cell, (list, tuple)) and len(cell) == 2:
+        _put(out, f"{key}_low", cell[0])
+        _put(out, f"{key}_high", cell[1])
 
 
 def _put(out: dict, key: str, value: Any) -> None:

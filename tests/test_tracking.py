@@ -7,9 +7,10 @@ from conftest import SMALL_JOB, run_config
 from seqdpo.config import signature
 from seqdpo.tracking import Tracker
 
-pytestmark = pytest.mark.slow
 
 
+
+@pytest.mark.slow
 def test_each_job_directory_has_its_own_run_id(tmp_path):
     from wandb_offline import read_run
 
@@ -29,3 +30,22 @@ def test_each_job_directory_has_its_own_run_id(tmp_path):
     # a finished job's rerun opens no run: its W&B run already holds everything
     Tracker(cfg, tmp_path / "b", signature=signature(cfg), group="g", finished=True).finish()
     assert len(list((tmp_path / "b" / "wandb").glob("offline-run-*"))) == 1
+
+
+def test_intervals_and_verdicts_become_summary_scalars():
+    from seqdpo.wandb_keys import interval_summary
+
+    matrix = {
+        "stages": ["base", "polite", "factual"], "objectives": ["polite", "factual"],
+        "intervals": {"metrics": {"accuracy": [[[0.5, 0.5], [0.5, 0.5]], [[0.8, 0.9], [0.1, 0.2]], [[0.3, 0.5], [0.6, 0.8]]]},
+                      "transfer": {"accuracy": {"_all": {"BWT": [-0.6, -0.3]}, "polite": {"forgetting": [0.3, 0.6]}}}},
+        "verdicts": [{"objective": "polite", "stage": 2, "column": "accuracy", "change": -0.45,
+                      "interval": [-0.6, -0.3], "verdict": "degraded"}],
+    }
+    s = interval_summary(matrix)
+    assert s["matrix/accuracy/stage1/polite_low"] == 0.8 and s["matrix/accuracy/stage2/factual_high"] == 0.8
+    assert (s["transfer/accuracy/BWT_low"], s["transfer/accuracy/BWT_high"]) == (-0.6, -0.3)
+    assert s["transfer/accuracy/polite/forgetting_high"] == 0.6
+    assert s["verdict/accuracy/stage2/polite"] == "degraded" and s["change/accuracy/stage2/polite"] == -0.45
+    assert s["change/accuracy/stage2/polite_low"] == -0.6
+    assert interval_summary({"stages": [], "objectives": [], "metrics": {}}) == {}
