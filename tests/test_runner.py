@@ -180,7 +180,11 @@ def test_wandb_offline_run_holds_the_matrix(job):
     history = [row for r in runs for row in r["history"]]
     assert run["run_id"] == (out / "wandb_run_id.txt").read_text().strip() and f"order={cfg.order.name}" in run["tags"]
     # flat config keys: W&B groups runs by any of them
-    assert {"dataset", "order", "loss", "lora_r", "beta", "lr", "seed", "reference", "cfg"} <= set(runs[0]["config_keys"])
+    config = runs[0]["config"]
+    assert {k: config[k] for k in ("dataset", "order", "loss", "lora_r", "beta", "lr", "seed", "reference")} == {
+        "dataset": cfg.dataset.name, "order": cfg.order.name, "loss": cfg.loss.name, "lora_r": cfg.lora.r,
+        "beta": cfg.beta, "lr": cfg.lr, "seed": cfg.seed, "reference": cfg.reference}
+    assert config["cfg"]["dataset"]["objectives"] == list(cfg.dataset.objectives)
     objectives, stages = matrix["objectives"], matrix["stages"]
     for k in range(len(stages)):
         # eval series: one row per stage on the eval/stage axis, the same keys in every order

@@ -39,10 +39,16 @@ def _records(path: Path):
             break
 
 
+def _config(out: dict, items) -> None:
+    for it in items:
+        out["config_keys"].append(it.key)
+        out["config"][it.key] = json.loads(it.value_json)
+
+
 def read_run(run_file: Path) -> dict:
     from wandb.proto import wandb_internal_pb2 as pb
 
-    out = {"history": [], "summary": {}, "config_keys": [], "run_id": None, "tags": [], "group": None}
+    out = {"history": [], "summary": {}, "config_keys": [], "config": {}, "run_id": None, "tags": [], "group": None}
     for raw in _records(run_file):
         rec = pb.Record()
         rec.ParseFromString(raw)
@@ -53,7 +59,8 @@ def read_run(run_file: Path) -> dict:
             for it in rec.summary.update:
                 out["summary"][it.key or "/".join(it.nested_key)] = json.loads(it.value_json)
         elif kind == "config":
-            out["config_keys"] += [it.key for it in rec.config.update]
-        elif kind == "run":
+            _config(out, rec.config.update)
+        elif kind == "run":  # the config given to wandb.init travels in the run record
             out["run_id"], out["group"], out["tags"] = rec.run.run_id, rec.run.run_group, list(rec.run.tags)
+            _config(out, rec.run.config.update)
     return out
