@@ -451,7 +451,6 @@ def test_trace_steps_spread_over_the_stage():
 def test_jackknife_interval_covers_the_true_cosine():
     from seqdpo.analysis import gradient_probes as GP
 
-    assert GP.t_quantile_975(7) == pytest.approx(2.365, abs=0.005) and GP.t_quantile_975(30) == pytest.approx(2.042, abs=0.005)
     rng = np.random.default_rng(0)
     d, k = 400, 8
     u = rng.standard_normal(d)

@@ -32,6 +32,7 @@ probe's cost by the block size; K = 8 blocks of 8 pairs is the default.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import Any, Callable
@@ -40,6 +41,7 @@ import numpy as np
 import torch
 
 from seqdpo.analysis import gradients as G
+from seqdpo.analysis.intervals import t_quantile
 
 TOTAL = "total"
 
@@ -119,21 +121,16 @@ class ProbeGram:
         for name, k, other in ((a, ka, self._weights(b)), (b, kb, self._weights(a))):
             drop = [_cos(g, self._weights(name, np.delete(np.arange(k), i)), other) for i in range(k)]
             var += (k - 1) / k * float(np.sum((np.array(drop) - np.mean(drop)) ** 2))
-        half = t_quantile_975(min(ka, kb) - 1) * math.sqrt(var)
+        half = _t975(min(ka, kb) - 1) * math.sqrt(var)
         return max(point - half, -1.0), min(point + half, 1.0)
 
     def groups(self, prefix: str) -> list[str]:
         return sorted((g[len(prefix) + 1 :] for g in self.gram if g.startswith(prefix + ":")), key=G.group_sort_key)
 
 
-def t_quantile_975(df: int) -> float:
-    """Student t 97.5 % quantile: Cornish-Fisher expansion around the normal's 1.96 (within 0.01 for df >= 3)."""
-    if df <= 2:
-        return {1: 12.706, 2: 4.303}[max(df, 1)]
-    z = 1.959964
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2) + (
-        3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z
-    ) / (384 * df**3)
+@functools.lru_cache(maxsize=None)
+def _t975(df: int) -> float:
+    return t_quantile(0.975, df)  # numerical integration: once per block count
 
 
 def _cos(g: np.ndarray, u: np.ndarray, v: np.ndarray) -> float:

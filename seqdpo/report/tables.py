@@ -107,6 +107,10 @@ def diagnostics_table(jobs: list[Job]) -> pd.DataFrame:
                                 "grad_cosine": gc.get("total"), "update_cos_neg_grad": ua.get("cos_update_neg_grad"),
                                 "update_first_order_loss_change": ua.get("first_order_loss_change"),
                                 "offprompt_d_logp_tok_other": disp.get("d_logp_tok")})
+                    floors = gc.get("noise_floor") or {}
+                    row.update({"grad_cosine_low": gc.get("ci_low"), "grad_cosine_high": gc.get("ci_high"),
+                                "grad_cosine_corrected": gc.get("corrected"),
+                                "noise_floor_own": floors.get(own), "noise_floor_other": floors.get(other)})
                     trace = d.get("grad_cosine_trace") or []
                     if trace:
                         last = trace[-1]["grad_cosine"].get(f"{d.get('objective')}__{other}") or {}
