@@ -197,5 +197,10 @@ def test_wandb_offline_run_holds_the_matrix(job):
     assert run["summary"]["transfer/accuracy/BWT"] == pytest.approx(transfer["BWT"])
     first = objectives[0]
     assert run["summary"][f"transfer/accuracy/{first}/forgetting"] == pytest.approx(transfer["per_objective"][first]["forgetting"])
+    # intervals and verdicts of matrix.json as summary scalars
+    saved = json.loads((out / "matrix.json").read_text())
+    assert run["summary"]["transfer/accuracy/BWT_low"] == pytest.approx(saved["intervals"]["transfer"]["accuracy"]["_all"]["BWT"][0])
+    for v in saved["verdicts"]:
+        assert run["summary"][f"verdict/{v['column']}/stage{v['stage']}/{v['objective']}"] == v["verdict"]
     assert any("stage1/train/loss" in row for row in history)
     assert any("stage2/train/rewards/margins" in row for row in history)
