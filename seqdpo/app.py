@@ -88,8 +88,8 @@ def main(cfg: DictConfig) -> dict:
         if hc.mode == RunMode.RUN:
             raise SystemExit(1) from None  # Hydra would print the traceback again
         raise
-    except Exception:
-        log.exception("job failed")  # the traceback into seqdpo.log (Hydra prints it on the console)
+    except Exception as e:
+        log.exception("job failed: %s: %s", type(e).__name__, e)  # traceback into seqdpo.log; Hydra prints it on the console
         raise
 
 

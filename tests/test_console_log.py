@@ -64,6 +64,17 @@ def test_model_not_found_is_one_paragraph_and_the_log_keeps_the_traceback(tmp_pa
     assert "seqdpo.config.ConfigError" in log
 
 
+def test_a_failing_job_logs_its_traceback_and_the_console_shows_it_once(tmp_path):
+    out = tmp_path / "job"
+    code, console = _seqdpo(tmp_path, *SMALL_JOB, "logger=none", "ref_cache_dir=/dev/null/refcache", f"hydra.run.dir={out}")
+    assert code == 1
+    assert "job failed: NotADirectoryError" in console and console.count("Traceback (most recent call last)") == 1
+    log = (out / "seqdpo.log").read_text()
+    assert "config signature" in log
+    assert "job failed: NotADirectoryError" in log and "Traceback (most recent call last)" in log
+    assert "refcache.py" in log  # the whole traceback, down to the failing frame
+
+
 def test_experiment_with_sweep_axes_needs_multirun(tmp_path):
     code, console = _seqdpo(tmp_path, "experiment=paper_orders", f"hydra.run.dir={tmp_path / 'job'}")
     assert code == 1
