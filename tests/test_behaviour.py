@@ -230,6 +230,7 @@ def test_behaviour_outputs_and_implicit_scores_equal_the_matrix(resumed_job):
     assert list(gens.columns) == G.COLUMNS and len(gens) == 2 * 6 * 3  # objectives x prompts x (greedy + 2 samples)
     assert set(gens["sample"]) == {-1, 0, 1} and set(gens.finish_reason) <= {"eos", "length"}
     assert b["length_capped"][2] == int((gens.finish_reason == "length").sum())
+    assert b["prompts_used"] == {"polite": 6, "factual": 6} and b["unscored_objectives"] == []
     # implicit: scoring the eval pairs' responses gives the per-pair rewards of the preference matrix.
     from peft import PeftModel
 
@@ -252,6 +253,7 @@ def test_behaviour_outputs_and_implicit_scores_equal_the_matrix(resumed_job):
     summary = {k: v for r in runs for k, v in r["summary"].items()}
     keys = {k for r in runs for row in r["history"] for k in row}
     assert summary["behaviour/score_mean/1:polite/polite"] == pytest.approx(b["metrics"]["score_mean"][1][0])
+    assert summary["behaviour/length_capped/2:factual"] == b["length_capped"][2]
     assert "stage2/behaviour/factual/win_rate" in keys
     rows = [row for r in runs for row in r["history"] if "analysis/behaviour_samples/nrows" in row]
     assert rows and rows[-1]["analysis/behaviour_samples/nrows"] == 3 * 2 * 3  # stages x objectives x samples shown

@@ -46,6 +46,10 @@ class BehaviourEval:
         self.prompts = {
             o: G.choose_prompts(obj.eval, self.settings.prompts, self.seed) for o, obj in objectives.items() if o not in self.unscored
         }
+        short = {o: len(p) for o, p in self.prompts.items() if len(p) < self.settings.prompts}
+        if short:
+            log.warning("behaviour: eval splits smaller than eval.generation.prompts=%d, all their prompts used: %s",
+                        self.settings.prompts, short)
 
     def on_stage(self, k: int, sd: Path) -> dict:
         sd.mkdir(parents=True, exist_ok=True)
@@ -114,7 +118,9 @@ class BehaviourEval:
         s = self.settings
         return {
             "scorer": self.cfg.scorer.name, "stages": stage_names, "objectives": objectives,
-            "backend": "transformers" if self.backend is None else "vllm", "prompts": s.prompts, "samples": s.samples, "greedy": s.greedy, "bootstrap": self.cfg.eval.bootstrap,
+            "backend": "transformers" if self.backend is None else "vllm", "prompts": s.prompts,
+            "prompts_used": {o: len(p) for o, p in self.prompts.items()}, "samples": s.samples, "greedy": s.greedy,
+            "bootstrap": self.cfg.eval.bootstrap,
             "metrics": values, "intervals": intervals, "unscored_objectives": self.unscored,
             "length_capped": capped, "generations_per_stage": int(len(base)), "time": timing,
             "base_generations": G.base_generation_counts(),
@@ -137,6 +143,8 @@ class BehaviourEval:
             for k, row in enumerate(rows):
                 for o, v in zip(block["objectives"], row):
                     flat[f"behaviour/{m}/{k}:{stage_names[k]}/{o}"] = v
+        flat["behaviour/unscored_objectives"] = len(block["unscored_objectives"])
+        flat.update({f"behaviour/length_capped/{k}:{s}": n for k, (s, n) in enumerate(zip(stage_names, block["length_capped"]))})
         self.tracker.summary(flat)
         self.tracker.log_tables({"behaviour_samples": self.sample_table(stage_names)})
 
