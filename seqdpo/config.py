@@ -181,6 +181,20 @@ class DiagnosticsConfig:
 
 
 @dataclass
+class StrategyConfig:
+    """How the stages combine into a model (seqdpo/strategies/): a forgetting mitigation or the plain sequence."""
+
+    name: str = "sequential"  # sequential | joint | replay | merge | anchor
+    ratio: float = 0.25  # replay: pairs replayed in a stage per pair of its own objective
+    method: str = "linear"  # merge: PEFT combination, linear | ties | dare_linear | dare_ties
+    weights: Optional[list[float]] = None  # merge: one per stage's adapter; None = equal weights summing to 1
+    density: float = 0.5  # merge: fraction of each adapter's entries kept by ties / dare
+    penalty: str = "l2"  # anchor: l2 (effective update B A) | ewc (diagonal Fisher on the LoRA parameters)
+    strength: float = 1.0  # anchor: weight of the penalty (0 = sequential)
+    fisher_pairs: int = 64  # anchor ewc: previous-stage pairs in the Fisher estimate
+
+
+@dataclass
 class LoggerConfig:
     name: str = "wandb"  # wandb | none
     project: str = "seqdpo"
@@ -198,6 +212,7 @@ class RunConfig:
     lora: LoraSettings = MISSING
     loss: LossConfig = MISSING
     logger: LoggerConfig = MISSING
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
@@ -215,6 +230,16 @@ DTYPES = ("float32", "bfloat16", "float16")
 LOGGERS = ("wandb", "none")
 PROBE_SOURCES = ("train", "eval")
 LOGGER_MODES = ("offline", "online", "disabled")
+# The keys each strategy reads; a key of another strategy set away from its default is an error, not ignored.
+STRATEGY_KEYS = {
+    "sequential": (),
+    "joint": (),
+    "replay": ("ratio",),
+    "merge": ("method", "weights", "density"),
+    "anchor": ("penalty", "strength", "fisher_pairs"),
+}
+MERGE_METHODS = ("linear", "ties", "dare_linear", "dare_ties")
+ANCHOR_PENALTIES = ("l2", "ewc")
 
 
 def stage_objectives(cfg: RunConfig) -> list[str]:
@@ -276,6 +301,7 @@ def validate(cfg: RunConfig) -> None:
         from seqdpo.behaviour.settings import check_behaviour_config
 
         check_behaviour_config(cfg)
+    _validate_strategy(cfg)
 
 
 # numpy's seeds are 32-bit and stage k trains with seed + k
@@ -383,6 +409,32 @@ def _extra_keys(obj, prefix: str = ""):
             yield from _extra_keys(value, f"{prefix}{name}.")
 
 
+def _validate_strategy(cfg: RunConfig) -> None:
+    s = cfg.strategy
+    if s.name not in STRATEGY_KEYS:
+        raise ConfigError("strategy.name", f"'{s.name}' is not one of {list(STRATEGY_KEYS)}")
+    default = StrategyConfig()
+    for key in sorted(set().union(*STRATEGY_KEYS.values()) - set(STRATEGY_KEYS[s.name])):
+        if getattr(s, key) != getattr(default, key):
+            owners = [n for n, keys in STRATEGY_KEYS.items() if key in keys]
+            raise ConfigError(f"strategy.{key}", f"applies to strategy {owners}, not '{s.name}'; it would be ignored")
+    if not s.ratio > 0:
+        raise ConfigError("strategy.ratio", f"must be > 0, got {s.ratio}")
+    if s.method not in MERGE_METHODS:
+        raise ConfigError("strategy.method", f"'{s.method}' is not one of {list(MERGE_METHODS)}")
+    n_stages = len(cfg.order.stages)
+    if s.weights is not None and len(s.weights) != n_stages:
+        raise ConfigError("strategy.weights", f"needs one weight per stage ({n_stages}), got {list(s.weights)}")
+    if not 0 < s.density <= 1:
+        raise ConfigError("strategy.density", f"must be in (0, 1], got {s.density}")
+    if s.penalty not in ANCHOR_PENALTIES:
+        raise ConfigError("strategy.penalty", f"'{s.penalty}' is not one of {list(ANCHOR_PENALTIES)}")
+    if not s.strength >= 0:
+        raise ConfigError("strategy.strength", f"must be >= 0, got {s.strength}")
+    if s.fisher_pairs < 1:
+        raise ConfigError("strategy.fisher_pairs", f"must be >= 1, got {s.fisher_pairs}")
+
+
 def _check_packing(model: ModelConfig) -> None:
     from seqdpo.packing import MASKED_ATTENTION, PACKINGS
 
@@ -405,9 +457,14 @@ def signature(cfg: RunConfig) -> str:
 
     The logger settings, the cache location and the batch layout (model.packing: the same log-probs,
     tested) do not change results and are left out, so switching W&B on or off keeps a job's identity.
+    So are the strategy keys the strategy does not read, and the whole strategy when it is `sequential`:
+    jobs from before strategies existed keep theirs.
     """
     d = to_dict(cfg)
     d.pop("logger")
     d.pop("ref_cache_dir")
     d["model"].pop("packing")
+    strategy = d.pop("strategy")
+    if strategy["name"] != "sequential":
+        d["strategy"] = {k: strategy[k] for k in ("name", *STRATEGY_KEYS.get(strategy["name"], ()))}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]

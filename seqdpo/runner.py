@@ -94,11 +94,12 @@ def _run_stages(cfg: RunConfig, out: Path, tracker) -> dict:
     from seqdpo.logprobs import tokenize_pairs
     from seqdpo.modeling import check_target_modules, load_model_and_tokenizer, make_lora_config, model_fingerprint
     from seqdpo.refcache import reset_ref_forward_counts
+    from seqdpo.strategies import plan_stages
+    from seqdpo.strategies.merge import merge_into_default
 
     reset_ref_forward_counts()  # per job, also when a multirun runs several jobs in one process
     set_seed(cfg.seed)
     stage_objs = C.stage_objectives(cfg)
-    stage_names = ["base", *stage_objs]
     model, tok = load_model_and_tokenizer(cfg.model, cfg.ref_cache_dir)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     objectives = build_objectives(cfg.dataset, cfg.seed)
@@ -116,8 +117,9 @@ def _run_stages(cfg: RunConfig, out: Path, tracker) -> dict:
     fingerprint = model_fingerprint(cfg.model, tok)
     refs = _ReferenceSource(cfg, peft_model, fingerprint)
     eval_tok = {n: refs.with_base(ds, batch_size=cfg.eval.batch_size) for n, ds in eval_tok.items()}
-    train_sets = _stage_train_sets(cfg, stage_objs, train_tok, refs)
-    recorder = _diagnostics_recorder(cfg, out, eval_tok, train_tok, refs)
+    plan = plan_stages(cfg, stage_objs, _stage_train_sets(cfg, stage_objs, train_tok, refs), out, write=is_main_process())
+    stage_names = ["base", *(stage.name for stage in plan)]
+    recorder = _diagnostics_recorder(cfg, out, eval_tok, train_tok, refs, stage_names[1:])
     behaviour = _behaviour_eval(cfg, out, tok, objectives, peft_model, fingerprint, tracker)
 
     def behave(stage: int, sd: Path) -> dict:  # generation and scoring, written before the stage's DONE
@@ -135,39 +137,52 @@ def _run_stages(cfg: RunConfig, out: Path, tracker) -> dict:
         pairs = evaluate(0)
         _finish_stage(out / "stage_0", pairs, behave(0, out / "stage_0"), tracker, 0)
         clock.end(0, pairs)
-    for k, objective in enumerate(stage_objs, start=1):
+    for k, stage in enumerate(plan, start=1):
         sd = out / f"stage_{k}"
         if (sd / "DONE").exists():
             _load_adapter(peft_model, sd / "adapter")
-            log.info("stage %d (%s) finished earlier: adapter reloaded from %s", k, objective, sd / "adapter")
+            log.info("stage %d (%s) finished earlier: adapter reloaded from %s", k, stage.name, sd / "adapter")
             continue
         _write_status(out, "running", stage=k)
-        train_ds = train_sets[k - 1]
+        if stage.merge:  # strategy=merge: no training, the stages' adapters combined (by rank 0, which wrote them)
+            if is_main_process():
+                clock.start(k, f"merging the adapters of stages {list(stage.merge)}, then evaluating")
+                merge_into_default(peft_model, [out / f"stage_{j}" / "adapter" for j in stage.merge], cfg.strategy, cfg.seed)
+                peft_model.save_pretrained(sd / "adapter")
+                pairs = evaluate(k)
+                _finish_stage(sd, pairs, {**stage.info, **behave(k, sd)}, tracker, k)
+                clock.end(k, pairs)
+            continue
+        if stage.fresh:  # strategy=merge: every adapter trains from the base
+            _load_adapter(peft_model, out / "adapter_init")
+        train_ds = stage.train
         clock.start(k, f"training on {len(train_ds)} pairs, then evaluating")
         if cfg.reference == "previous":  # sDPO: the model as it stands before this stage is the reference
             train_ds = refs.with_current(train_ds, sd / "train_reference.npz", batch_size=cfg.eval.batch_size)
-        info = _train_stage(cfg, peft_model, tok, train_ds, sd, k, tracker, recorder, label=clock.label(k))
+        info = _train_stage(cfg, peft_model, tok, train_ds, sd, k, tracker, recorder, stage, label=clock.label(k))
         pairs = evaluate(k)
-        _finish_stage(sd, pairs, {**info, **behave(k, sd)}, tracker, k)
+        _finish_stage(sd, pairs, {**stage.info, **info, **behave(k, sd)}, tracker, k)
         clock.end(k, pairs)
 
     if not is_main_process():
         # DDP: only rank 0 writes stage tables, and it may not have written the last one yet (evaluation
         # is not synchronised across ranks), so other ranks stop here instead of reading them.
         return {"stages": stage_names, "rank": int(os.environ.get("RANK", "0"))}
-    return _write_results(cfg, out, tracker, stage_names, list(objectives), refs, recorder, behaviour)
+    return _write_results(cfg, out, tracker, stage_names, list(objectives), refs, recorder, plan, behaviour)
 
 
-def _write_results(cfg: RunConfig, out: Path, tracker, stage_names, objectives, refs, recorder, behaviour=None) -> dict:
+def _write_results(cfg: RunConfig, out: Path, tracker, stage_names, objectives, refs, recorder, plan, behaviour=None) -> dict:
     """The job-level files (pairs.parquet, matrix.json, diagnostics.json) and their W&B counterparts."""
     from seqdpo.analysis.intervals import job_intervals
     from seqdpo.evaluation import summarize
+    from seqdpo.strategies import summary
 
     pairs = pd.concat([pd.read_parquet(out / f"stage_{k}" / "pairs.parquet") for k in range(len(stage_names))])
     matrix = summarize(pairs, stage_names, objectives, cfg.beta)
     matrix.update(job_intervals(pairs, matrix, n_boot=cfg.eval.bootstrap, seed=cfg.seed,
                                 stay_threshold=cfg.diagnostics.stay_threshold, tie_tolerance=cfg.eval.tie_tolerance))
     matrix["reference_forwards"] = refs.counter()
+    matrix["strategy"] = {"name": cfg.strategy.name, "stages": summary(plan)}
     if behaviour is not None:
         matrix["behaviour"] = behaviour.summary(stage_names)
     pairs.to_parquet(out / "pairs.parquet", index=False)
@@ -181,6 +196,8 @@ def _write_results(cfg: RunConfig, out: Path, tracker, stage_names, objectives, 
 
         tracker.log_matrix(matrix)
         tracker.summary({"reference_forwards/" + k: v for k, v in matrix["reference_forwards"].items()})
+        tracker.summary({f"strategy/stage{row['stage']}/{key}": v for row in matrix["strategy"]["stages"]
+                         for key, v in row.items() if isinstance(v, (int, float)) and key != "stage"})
         if job_diag is not None:
             from seqdpo.wandb_keys import transfer_summary
 
@@ -208,19 +225,25 @@ def _finish_stage(sd: Path, pairs: pd.DataFrame, info: dict, tracker, k: int) ->
     (sd / "DONE").write_text(json.dumps({"finished": time.time(), **metrics, **info}, indent=1, default=float))
 
 
-def _train_stage(cfg, peft_model, tok, train_ds, sd: Path, k: int, tracker, recorder, *, label: str) -> dict:
+def _train_stage(cfg, peft_model, tok, train_ds, sd: Path, k: int, tracker, recorder, stage, *, label: str) -> dict:
+    from seqdpo.strategies.anchor import build_penalty
     from seqdpo.trainer import SeqDPOTrainer, make_dpo_config
 
     if (sd / "trained.json").exists():  # stopped after training (in evaluation or generation): keep the adapter
         _load_adapter(peft_model, sd / "adapter")
         log.info("stage %d was trained earlier: adapter reloaded from %s", k, sd / "adapter")
         return json.loads((sd / "trained.json").read_text())
-    args = make_dpo_config(cfg, str(sd / "checkpoints"), seed=cfg.seed + k)
+    if is_main_process():  # which pairs this stage trains on (replay and joint mix objectives)
+        sd.mkdir(parents=True, exist_ok=True)
+        stage.pairs.to_parquet(sd / "train_pairs.parquet", index=False)
+    args = make_dpo_config(cfg, str(sd / "checkpoints"), seed=cfg.seed + k, max_steps=stage.max_steps)
     callbacks = [tracker.stage_callback(k)] if tracker is not None else []
     trainer = SeqDPOTrainer(
         model=peft_model, args=args, train_dataset=train_ds, processing_class=tok, loss=cfg.loss,
         packing=cfg.model.packing, callbacks=callbacks, label=label,
     )
+    if stage.anchored:
+        trainer.penalty = build_penalty(cfg, trainer, stage.anchor_rows, sd, is_main_process())
     if recorder is not None:
         recorder.on_stage_start(k, trainer)
     resume = _latest_checkpoint(sd / "checkpoints")
@@ -324,7 +347,8 @@ def _stage_train_sets(cfg: RunConfig, stage_objs: list[str], train_tok: dict, re
     return partition_stages(stage_objs, train_tok, cfg.order.partition, cfg.seed, base_margins)
 
 
-def _diagnostics_recorder(cfg: RunConfig, out: Path, eval_tok: dict, train_tok: dict, refs: _ReferenceSource):
+def _diagnostics_recorder(cfg: RunConfig, out: Path, eval_tok: dict, train_tok: dict, refs: _ReferenceSource,
+                          stage_names: list[str]):
     d = cfg.diagnostics
     if not (d.grad_cosine or d.adapter_movement or d.likelihood):
         return None
@@ -337,7 +361,9 @@ def _diagnostics_recorder(cfg: RunConfig, out: Path, eval_tok: dict, train_tok: 
             n: refs.with_base(ds.select(range(min(d.probe_pairs, len(ds)))), batch_size=cfg.eval.batch_size)
             for n, ds in train_tok.items()
         }
-    return DiagnosticsRecorder(cfg, out, eval_tok, probes)
+    recorder = DiagnosticsRecorder(cfg, out, eval_tok, probes)
+    recorder.stage_objectives = stage_names  # the strategy's rows (joint: one stage; merge: a merged row)
+    return recorder
 
 
 def _read_state(out: Path) -> str | None:

@@ -25,7 +25,7 @@ from seqdpo.packing import DEFAULT_PACKING
 from seqdpo.progress import StageProgress
 
 
-def make_dpo_config(cfg: RunConfig, output_dir: str, *, seed: int) -> DPOConfig:
+def make_dpo_config(cfg: RunConfig, output_dir: str, *, seed: int, max_steps: int | None = None) -> DPOConfig:
     t = cfg.train
     return DPOConfig(
         output_dir=output_dir,
@@ -33,7 +33,7 @@ def make_dpo_config(cfg: RunConfig, output_dir: str, *, seed: int) -> DPOConfig:
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=cfg.lr,
         num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
+        max_steps=t.max_steps if max_steps is None else max_steps,
         lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_ratio,  # transformers 5 reads a value < 1 as a ratio of the stage's steps
         weight_decay=t.weight_decay,
@@ -67,6 +67,8 @@ class SeqDPOTrainer(DPOTrainer):
         label: str = "training",
     ):
         self.loss_cfg = loss
+        # A callable () -> scalar added to the training loss (strategy=anchor); None for every other strategy.
+        self.penalty = None
         super().__init__(
             model=model,
             ref_model=None,
@@ -117,6 +119,10 @@ class SeqDPOTrainer(DPOTrainer):
         logps = self.pair_logps(model, inputs)
         loss = compute_loss(logps, self.loss_cfg, self.beta)
         self._record_metrics("train" if model.training else "eval", logps)
+        if self.penalty is not None and model.training:
+            penalty = self.penalty()
+            self._metrics["train"]["anchor/penalty"].append(penalty.item())  # the same on every rank
+            loss = loss + penalty
         return (loss, None) if return_outputs else loss
 
     def _record_metrics(self, mode: str, lp: PairLogps) -> None:

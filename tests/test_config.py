@@ -8,7 +8,7 @@ from omegaconf.errors import ValidationError
 from conftest import CONF, compose, run_config
 from seqdpo.config import ConfigError, signature
 
-GROUPS = ["model", "dataset", "order", "lora", "loss", "logger", "scorer"]
+GROUPS = ["model", "dataset", "order", "lora", "loss", "logger", "scorer", "strategy"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 
 
@@ -101,6 +101,16 @@ def test_unknown_group_option_fails():
         (["diagnostics.probe_blocks=1"], "diagnostics.probe_blocks", "must be >= 2"),
         (["diagnostics.probe_pairs=4"], "diagnostics.probe_pairs", ">= diagnostics.probe_blocks (8)"),
         (["diagnostics.grad_cosine_points=0"], "diagnostics.grad_cosine_points", "must be >= 1"),
+        (["strategy.name=nope"], "strategy.name", "not one of"),
+        (["strategy=replay", "strategy.ratio=0"], "strategy.ratio", "must be > 0"),
+        (["strategy=merge", "strategy.method=svd"], "strategy.method", "not one of"),
+        (["strategy=merge", "strategy.weights=[1.0]"], "strategy.weights", "one weight per stage (2)"),
+        (["strategy=merge", "strategy.density=0"], "strategy.density", "(0, 1]"),
+        (["strategy=anchor", "strategy.penalty=l1"], "strategy.penalty", "not one of"),
+        (["strategy=anchor", "strategy.strength=-1"], "strategy.strength", ">= 0"),
+        (["strategy=anchor", "strategy.fisher_pairs=0"], "strategy.fisher_pairs", ">= 1"),
+        (["strategy=replay", "strategy.strength=2"], "strategy.strength", "applies to strategy ['anchor']"),
+        (["strategy.ratio=0.5"], "strategy.ratio", "not 'sequential'"),
     ],
 )
 def test_bad_config_names_the_key(overrides, key, words):

@@ -66,7 +66,7 @@ def test_experiment_grid_composes_and_validates(name):
     jobs = grid(params)
     runs = [compose_run([f"experiment={name}", *job])[0] for job in jobs]
     # every grid point is a different job: a sweep value that is silently ignored would collapse them
-    identities = {(r.dataset.name, r.order.name, r.loss.name, r.reference, r.seed, str(r.dataset.options))
+    identities = {(r.dataset.name, r.order.name, r.loss.name, r.reference, r.seed, str(r.dataset.options), str(r.strategy))
                   for r in runs}
     assert len(identities) == len(jobs)
 

@@ -1,6 +1,7 @@
 """A Hydra multirun of two tiny jobs through hydra/launcher=slurm on a live single-node SLURM
 (launchers/slurm/setup_slurm.sh): both jobs run as one SLURM job array, write their outputs, and the
-submitting process returns once they are done."""
+submitting process returns once they are done. They run `strategy=replay`: a strategy goes through the
+same entry point under every launcher, with nothing launcher-specific."""
 
 import json
 
@@ -20,7 +21,8 @@ def test_two_job_multirun_on_slurm(slurm_cluster, tmp_path):
     import pandas as pd
 
     sweep = tmp_path / "sweep"
-    cmd = seqdpo_cmd(*SLURM_TEST, "order=ab,ba", *TINY, "logger=none", f"hydra.sweep.dir={sweep}", multirun=True)
+    cmd = seqdpo_cmd(*SLURM_TEST, "order=ab,ba", "strategy=replay", *TINY, "logger=none", f"hydra.sweep.dir={sweep}",
+                     multirun=True)
     proc = run(cmd, cwd=tmp_path, timeout=900)  # returns only once both jobs ended (the launcher blocks)
     assert proc.returncode == 0, explain(proc)
     assert "SLURM pre-flight ok" in proc.stdout + proc.stderr
@@ -40,6 +42,7 @@ def test_two_job_multirun_on_slurm(slurm_cluster, tmp_path):
             assert (d / f"stage_{k}" / "DONE").exists() and (d / f"stage_{k}" / "pairs.parquet").exists()
         assert (d / "stage_2" / "adapter" / "adapter_model.safetensors").exists()
         matrix = json.loads((d / "matrix.json").read_text())
+        assert matrix["strategy"]["name"] == "replay" and (d / "replay.parquet").exists()
         stage_orders[order_of(d)] = matrix["stages"]
         pairs = pd.read_parquet(d / "pairs.parquet")
         assert PAIR_COLUMNS <= set(pairs.columns)

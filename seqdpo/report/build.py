@@ -13,6 +13,7 @@ from seqdpo.report.doc import Doc
 from seqdpo.report.grouping import setting_label, slug
 from seqdpo.report.jobs import FACTORS, SETTING, Job, find_job_dirs, load_job
 from seqdpo.report.grad_trace import plot_grad_cosine_trace
+from seqdpo.report.mitigations import add_section as add_mitigations
 from seqdpo.report.plots import plot_forgetting_by_order, plot_grad_cosine, plot_heatmaps, plot_quartiles, plot_scatter
 from seqdpo.report.seeds import (
     csv_frame,
@@ -100,6 +101,7 @@ def build_report(root: Path, out: Path, html_too: bool = False) -> dict[str, Any
     seeds_df = pd.concat([f for f in seed_frames if len(f)], ignore_index=True) if any(len(f) for f in seed_frames) else pd.DataFrame()
     seeds_df.to_csv(out / "seeds.csv", index=False)
     written["seeds_csv"] = str(out / "seeds.csv")
+    written.update(add_mitigations(doc, jobs, out))
     written["plots"] = doc.images
     (out / "summary.md").write_text(doc.markdown())
     written["summary"] = str(out / "summary.md")

@@ -10,10 +10,11 @@ from typing import Any
 import pandas as pd
 
 from seqdpo.evaluation import summarize
+from seqdpo.strategies import label as strategy_label
 
 # data_options: the dataset's builder options (e.g. the synthetic world's relation), so jobs that differ
 # only there land in separate groups instead of overwriting each other in one table.
-FACTORS = ("dataset", "data_options", "order", "beta", "lr", "lora_r", "loss", "reference", "seed")
+FACTORS = ("dataset", "data_options", "order", "beta", "lr", "lora_r", "loss", "reference", "strategy", "seed")
 # Jobs of one setting differ only by order and seed: orders side by side, seeds aggregated.
 SETTING = tuple(f for f in FACTORS if f not in ("dataset", "order", "seed"))
 SKIP_DIRS = {".hydra", ".submitit", "wandb", "adapter", "adapter_init", "checkpoints", "report"}
@@ -60,7 +61,10 @@ def _read_yaml(path: Path) -> dict:
 
 
 def stage_names(config: dict) -> list[str]:
-    """["base", objective of stage 1, ...] from a config dict (order letters resolved as config.stage_objectives)."""
+    """["base", row of stage 1, ...] from a config dict: order letters resolved as config.stage_objectives,
+    then the rows the strategy makes of them (seqdpo.strategies.row_names)."""
+    from seqdpo.strategies import row_names
+
     objs = list((config.get("dataset") or {}).get("objectives") or [])
     names = ["base"]
     for entry in (config.get("order") or {}).get("stages") or []:
@@ -69,7 +73,7 @@ def stage_names(config: dict) -> list[str]:
             names.append(objs[ord(entry) - 97])
         else:
             names.append(entry)
-    return names
+    return ["base", *row_names((config.get("strategy") or {}).get("name", "sequential"), names[1:])]
 
 
 def job_factors(config: dict) -> dict:
@@ -86,6 +90,7 @@ def job_factors(config: dict) -> dict:
         "lora_r": (config.get("lora") or {}).get("r"),
         "loss": "+".join(comps) if comps else loss.get("name"),
         "reference": config.get("reference"),
+        "strategy": strategy_label(config.get("strategy")),
         "seed": config.get("seed"),
     }
 

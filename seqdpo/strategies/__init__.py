@@ -1,0 +1,115 @@
+"""Forgetting mitigations as one config axis (`strategy=`): how a job's stages combine into a model.
+
+`plan_stages()` turns the strategy, the objectives of `order.stages` and their training sets into a
+list of `StagePlan`s. The runner runs them one after the other as it always did (stage_<k>/, DONE,
+checkpoints, evaluation of every objective after every stage); what differs is which pairs a stage
+trains on, where its adapter starts, and whether it trains at all.
+
+| strategy | stages (rows of the matrix after `base`) | what a stage does |
+|---|---|---|
+| sequential | one per entry of order.stages, named after its objective | continues the adapter (the paper) |
+| replay | the same rows | from stage 2 on, also trains on `ratio` x its own pair count pairs drawn from the earlier stages' sets (`replay.py`) |
+| anchor | the same rows | from stage 2 on, adds `strength` x a pull toward the adapter after the previous stage (`anchor.py`) |
+| joint | one row, `joint` | one stage on the union of the ordered objectives' pairs; with train.max_steps > 0, as many steps as all sequential stages together |
+| merge | one row per entry of order.stages (each a single adapter trained from the base), then `merged` | the last row trains nothing: PEFT merges the single adapters (`merge.py`) |
+
+Every trained stage records the pairs it trained on in stage_<k>/train_pairs.parquet
+(objective, pair_id).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from seqdpo.config import STRATEGY_KEYS, RunConfig
+
+if TYPE_CHECKING:  # the report imports this module for its names; datasets is heavy
+    from datasets import Dataset
+
+JOINT = "joint"
+MERGED = "merged"
+
+
+def row_names(strategy: str, stage_objs: list[str]) -> list[str]:
+    """The matrix rows after `base` that a strategy produces (module docstring)."""
+    if strategy == JOINT:
+        return [JOINT]
+    if strategy == "merge":
+        return [*stage_objs, MERGED]
+    return list(stage_objs)
+
+
+def label(strategy: dict | None) -> str:
+    """A strategy setting as the report names it: its name and the keys it reads, e.g. `replay ratio=0.5`."""
+    strategy = strategy or {"name": "sequential"}
+    name = strategy.get("name", "sequential")
+    keys = [k for k in STRATEGY_KEYS.get(name, ()) if not (k == "fisher_pairs" and strategy.get("penalty") != "ewc")]
+    shown = {k: ("equal" if k == "weights" and strategy[k] is None else strategy[k]) for k in keys if k in strategy}
+    return " ".join([name, *(f"{k}={v}" for k, v in shown.items())])
+
+
+@dataclass
+class StagePlan:
+    name: str  # the matrix row: the objective trained, `joint` or `merged`
+    train: Dataset | None  # the pairs it trains on; None: no training (the merged row)
+    pairs: pd.DataFrame | None = None  # objective, pair_id of each row of `train`
+    fresh: bool = False  # starts from adapter_init instead of the previous stage's adapter
+    max_steps: int | None = None  # overrides train.max_steps
+    anchor_rows: Dataset | None = None  # anchor: the previous stage's pairs (the EWC Fisher's data)
+    merge: tuple[int, ...] = ()  # merged row: the stages whose adapters combine
+    info: dict = field(default_factory=dict)  # counts shown in DONE, the log, matrix.json and W&B
+
+    @property
+    def anchored(self) -> bool:
+        return self.anchor_rows is not None
+
+
+def _pairs(objective: str, ds: Dataset) -> pd.DataFrame:
+    return pd.DataFrame({"objective": objective, "pair_id": list(ds["pair_id"])})
+
+
+def plan_stages(cfg: RunConfig, stage_objs: list[str], stage_sets: list[Dataset], out: Path, *, write: bool) -> list[StagePlan]:
+    """The stages a job runs (module docstring). `write`: this process records replay draws (DDP rank 0)."""
+    from datasets import concatenate_datasets
+
+    s = cfg.strategy
+    own = [_pairs(o, ds) for o, ds in zip(stage_objs, stage_sets)]
+    if s.name == JOINT:
+        union = concatenate_datasets(stage_sets)
+        pairs = pd.concat(own, ignore_index=True)
+        keep = ~pairs.duplicated(["objective", "pair_id"]).to_numpy()  # an objective in several stages counts once
+        if not keep.all():
+            union, pairs = union.select(keep.nonzero()[0]), pairs[keep].reset_index(drop=True)
+        steps = cfg.train.max_steps * len(stage_sets) if cfg.train.max_steps > 0 else None
+        return [StagePlan(JOINT, union, pairs, max_steps=steps, info={"objectives": list(dict.fromkeys(stage_objs))})]
+    if s.name == "replay":
+        from seqdpo.strategies.replay import replay_stages
+
+        return replay_stages(cfg, stage_objs, stage_sets, own, out, write=write)
+    plans = [StagePlan(o, ds, p) for o, ds, p in zip(stage_objs, stage_sets, own)]
+    if s.name == "anchor" and s.strength > 0:
+        for k in range(1, len(plans)):
+            plans[k].anchor_rows = stage_sets[k - 1]
+            plans[k].info = {"anchor": s.penalty, "strength": s.strength}
+    if s.name == "merge":
+        for p in plans[1:]:
+            p.fresh = True
+        weights = list(s.weights) if s.weights is not None else [1.0 / len(plans)] * len(plans)
+        info = {"method": s.method, "weights": weights, **({"density": s.density} if s.method != "linear" else {})}
+        plans.append(StagePlan(MERGED, None, merge=tuple(range(1, len(plans) + 1)), info=info))
+    return plans
+
+
+def summary(plans: list[StagePlan]) -> list[dict]:
+    """What each stage trained on, for matrix.json: the strategy's counts next to the numbers they produced."""
+    rows = []
+    for k, p in enumerate(plans, start=1):
+        row = {"stage": k, "name": p.name, "pairs": 0 if p.train is None else len(p.train), **p.info}
+        if p.pairs is not None:
+            row["pairs_per_objective"] = {str(o): int(n) for o, n in p.pairs.objective.value_counts(sort=False).items()}
+        rows.append(row)
+    return rows
