@@ -64,9 +64,13 @@ class DatasetConfig:
     objectives: list[str] = MISSING  # objective names in order; order letters a, b, ... index this list
     path: Optional[str] = None  # local file or directory in the hub schema; None = load from the hub
     revision: Optional[str] = None  # None = the revision pinned in the dataset registry
-    n_train: Optional[int] = None  # pairs per objective for training (None = all)
-    n_eval: Optional[int] = None  # pairs per objective for evaluation (None = all)
+    n_train: Optional[int] = None  # pairs per objective for training, after every drop (None = all)
+    n_eval: Optional[int] = None  # pairs per objective for evaluation, after every drop (None = all)
     options: dict[str, Any] = field(default_factory=dict)  # builder-specific, validated by the builder
+    # Pair accounting (seqdpo/data/accounting.py): a split left with fewer pairs is an error; a split that
+    # model.max_length dropped or truncated more than this fraction of gets a warning.
+    min_pairs: int = 1
+    warn_fraction: float = 0.05
 
 
 @dataclass
@@ -310,7 +314,7 @@ MAX_SEED = 2**32 - 1 - 10_000
 
 def _ranges(cfg: RunConfig) -> list[tuple[str, Any, str, bool]]:
     """(key, value, rule, holds) for every numeric key: a rule that fails is reported with its key."""
-    t, e, d, m, lo = cfg.train, cfg.eval, cfg.diagnostics, cfg.model, cfg.lora
+    t, e, d, m, lo, ds = cfg.train, cfg.eval, cfg.diagnostics, cfg.model, cfg.lora, cfg.dataset
 
     def pos(x):
         return x > 0 and math.isfinite(x)
@@ -342,6 +346,10 @@ def _ranges(cfg: RunConfig) -> list[tuple[str, Any, str, bool]]:
         ("eval.batch_size", e.batch_size, ">= 1", e.batch_size >= 1),
         ("eval.tie_tolerance", e.tie_tolerance, ">= 0", nonneg(e.tie_tolerance)),
         ("eval.bootstrap", e.bootstrap, ">= 0 (0 = no intervals)", e.bootstrap >= 0),
+        *[(f"dataset.{k}", v, "a number of pairs >= 1, or null for all", v is None or (v >= 1 and v is not True))
+          for k, v in (("n_train", ds.n_train), ("n_eval", ds.n_eval))],
+        ("dataset.min_pairs", ds.min_pairs, ">= 1", ds.min_pairs >= 1),
+        ("dataset.warn_fraction", ds.warn_fraction, "in [0, 1]", 0 <= ds.warn_fraction <= 1),
         ("diagnostics.grad_cosine_points", d.grad_cosine_points, ">= 1 (1 = stage start only)", d.grad_cosine_points >= 1),
         ("diagnostics.probe_blocks", d.probe_blocks, ">= 2 (two halves give the noise floor)", d.probe_blocks >= 2),
         ("diagnostics.probe_pairs", d.probe_pairs, f">= diagnostics.probe_blocks ({d.probe_blocks})", d.probe_pairs >= d.probe_blocks),

@@ -5,7 +5,9 @@ Contract (docs/DESIGN.md, "Log-prob contract"):
 * `tokenize_pairs(ds, tokenizer, max_length)` adds `prompt_ids`, `chosen_ids`, `rejected_ids` exactly as
   TRL 1.16 `DPOTrainer._prepare_dataset` does, drops pairs whose prompt alone fills `max_length` and
   applies TRL's collator truncation (keep_start) to the stored ids, so every later step sees the
-  tokens that are actually scored.
+  tokens that are actually scored. A pair whose truncation leaves chosen and rejected the same tokens
+  is dropped too (TRL keeps it: a tie no step can move). `tokenize_pairs_counted` also says how many
+  pairs each rule dropped or truncated.
 * `PairCollator` (`seqdpo.packing`) lays a batch out in one of three layouts (`model.packing`):
   `shared_prompt` (each pair's prompt computed once, the default), `pair` (prompt + chosen and
   prompt + rejected packed padding-free) or `padded` (TRL's layout); all give the same log-probs.
@@ -72,18 +74,36 @@ def _tokenize_row(row: dict, tokenizer, max_length: int | None) -> dict:
     n_prompt = min(_common_prefix(prompt, with_chosen), _common_prefix(prompt, with_rejected))
     chosen_ids = with_chosen[n_prompt:]
     rejected_ids = with_rejected[n_prompt:]
+    full = len(chosen_ids) + len(rejected_ids)
     if max_length is not None:
         # TRL's collator keeps the first max_length tokens of prompt+completion (keep_start)
         room = max(max_length - n_prompt, 0)
         chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
-    return {"prompt_ids": prompt[:n_prompt], "chosen_ids": chosen_ids, "rejected_ids": rejected_ids}
+    if max_length is not None and n_prompt >= max_length:
+        fate = "prompt_too_long"
+    elif chosen_ids == rejected_ids:
+        fate = "truncated_to_identical" if len(chosen_ids) + len(rejected_ids) < full else "identical_tokens"
+    else:
+        fate = ""
+    return {
+        "prompt_ids": prompt[:n_prompt],
+        "chosen_ids": chosen_ids,
+        "rejected_ids": rejected_ids,
+        _LOST: full - len(chosen_ids) - len(rejected_ids),
+        _FATE: fate,
+    }
 
 
-def tokenize_pairs(ds, tokenizer, max_length: int, num_proc: int | None = None):
-    """Adds `prompt_ids`, `chosen_ids`, `rejected_ids` (TRL 1.16 tokenisation + keep_start truncation).
+_LOST, _FATE = "_tokens_lost", "_drop_reason"  # bookkeeping columns, removed before tokenize_pairs returns
+TOKEN_DROP_REASONS = ("prompt_too_long", "truncated_to_identical", "identical_tokens")
 
-    Rows whose prompt alone has `max_length` tokens or more are dropped, as TRL does; every other column
-    (`pair_id` included) is kept.
+
+def tokenize_pairs_counted(ds, tokenizer, max_length: int | None, num_proc: int | None = None):
+    """`tokenize_pairs` and what it did: (tokenized rows, counts).
+
+    counts: `dropped_<reason>` per reason of TOKEN_DROP_REASONS (prompt alone `max_length` tokens or more;
+    truncation left chosen == rejected; chosen == rejected tokens without truncation), `truncated` (kept
+    pairs that lost completion tokens) and `tokens_lost` (completion tokens they lost, chosen + rejected).
     """
     out = ds.map(
         _tokenize_row,
@@ -91,9 +111,23 @@ def tokenize_pairs(ds, tokenizer, max_length: int, num_proc: int | None = None):
         num_proc=num_proc,
         desc="Tokenizing pairs",
     )
-    if max_length is not None:
-        out = out.filter(lambda row: len(row["prompt_ids"]) < max_length, num_proc=num_proc)
-    return out
+    fate, lost = np.asarray(out[_FATE], dtype=object), np.asarray(out[_LOST], dtype=np.int64)
+    keep = fate == ""
+    counts = {f"dropped_{r}": int((fate == r).sum()) for r in TOKEN_DROP_REASONS}
+    counts.update(truncated=int((lost[keep] > 0).sum()), tokens_lost=int(lost[keep].sum()))
+    if not keep.all():
+        out = out.select(np.flatnonzero(keep))
+    return out.remove_columns([_LOST, _FATE]), counts
+
+
+def tokenize_pairs(ds, tokenizer, max_length: int | None, num_proc: int | None = None):
+    """Adds `prompt_ids`, `chosen_ids`, `rejected_ids` (TRL 1.16 tokenisation + keep_start truncation).
+
+    Rows whose prompt alone has `max_length` tokens or more are dropped, as TRL does, and so are rows
+    whose chosen and rejected tokens are the same (after truncation); every other column (`pair_id`
+    included) is kept.
+    """
+    return tokenize_pairs_counted(ds, tokenizer, max_length, num_proc)[0]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -107,13 +107,33 @@ def build_tiny_model(cfg: ModelConfig, tokenizer):
 
 
 def load_model_and_tokenizer(cfg: ModelConfig, cache_dir: str | None = None):
-    """Returns (model, tokenizer) for `cfg`; the model is the frozen base, without adapter.
+    """Returns (model, tokenizer) for `cfg`; the model is the frozen base, without adapter."""
+    tokenizer = load_tokenizer(cfg)
+    return load_model(cfg, tokenizer, cache_dir), tokenizer
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The model's tokenizer alone: cheap, so a job checks its data before it loads the weights."""
+    if cfg.name == "tiny":
+        return build_tiny_tokenizer(cfg.tiny.vocab_size)
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.name, revision=cfg.revision)
+    except OSError as e:  # transformers' not-found, offline, gated and missing-file errors are all OSErrors
+        raise _model_not_found(cfg, e) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig, tokenizer, cache_dir: str | None = None):
+    """The frozen base model, without adapter.
 
     `cache_dir` holds the tiny model's warm-started weights (`model.tiny.warm_start`); None = the
     reference cache's default directory.
     """
     if cfg.name == "tiny":
-        tokenizer = build_tiny_tokenizer(cfg.tiny.vocab_size)
         model = build_tiny_model(cfg, tokenizer)
         if cfg.tiny.warm_start:
             from seqdpo.behaviour.warmstart import apply_warm_start
@@ -123,19 +143,15 @@ def load_model_and_tokenizer(cfg: ModelConfig, cache_dir: str | None = None):
                 model, tokenizer, fingerprint=model_fingerprint(cfg, tokenizer), steps=cfg.tiny.warm_start_steps,
                 lr=cfg.tiny.warm_start_lr, cache_dir=cache_dir or DEFAULT_CACHE_DIR,
             )
-        return model, tokenizer
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+        return model
+    from transformers import AutoModelForCausalLM
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.name, revision=cfg.revision)
-        model = AutoModelForCausalLM.from_pretrained(
+        return AutoModelForCausalLM.from_pretrained(
             cfg.name, revision=cfg.revision, dtype=_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation
         )
-    except OSError as e:  # transformers' not-found, offline, gated and missing-file errors are all OSErrors
+    except OSError as e:
         raise _model_not_found(cfg, e) from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
 
 
 def _model_not_found(cfg: ModelConfig, error: OSError) -> ConfigError:

@@ -18,8 +18,10 @@ Files: `<cache_dir>/<key>.npz` (default cache_dir `outputs/.refcache`), holding 
 `chosen_logps`, `rejected_logps`, `chosen_len`, `rejected_len` and a JSON `meta` string. Writes go to
 a temporary file in the same directory, are fsynced, then `os.replace`d onto the final name: readers
 see either no file or a whole one, and when several jobs compute the same key at once the last rename
-wins with identical content. A file that fails to load (e.g. a disk that filled up) is treated as a
-miss and rewritten.
+wins with identical content. A file that fails to load (e.g. a disk that filled up), or whose arrays
+do not all have one value per row, is treated as a miss and rewritten, with a warning naming it.
+Files are created with the process's umask (like any other file), so a cache directory shared by a
+group works when the umask lets the group read and write.
 
 Use:
 
@@ -38,9 +40,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
-import tempfile
 import threading
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +52,7 @@ FORMAT_VERSION = 1  # bump when the log-prob computation changes in a way that c
 DEFAULT_CACHE_DIR = os.path.join("outputs", ".refcache")
 _KEYS = ("chosen_logps", "rejected_logps", "chosen_len", "rejected_len")
 
+log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _counts = {"computed": 0, "cached": 0}
 
@@ -106,20 +110,29 @@ def _model_identity(model) -> tuple[str, str]:
 
 
 def _load(path: Path) -> dict[str, np.ndarray] | None:
+    """The entry's arrays, or None (with a warning) when the file is unreadable or inconsistent."""
     import zipfile
 
     try:
         with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in ("row_digest", *_KEYS)}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            entry = {k: z[k] for k in ("row_digest", *_KEYS)}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        log.warning("reference cache entry %s is unreadable (%s: %s): recomputing it", path, type(e).__name__, e)
         return None
+    lengths = {k: len(v) for k, v in entry.items()}
+    if len(set(lengths.values())) != 1:
+        log.warning("reference cache entry %s holds arrays of different lengths %s: recomputing it", path, lengths)
+        return None
+    return entry
 
 
 def atomic_write(path: Path, write) -> None:
     """Calls `write(binary file)` on a temporary file beside `path`, fsyncs it, then renames it onto `path`:
     readers see no file or a whole one, and concurrent writers of the same content are harmless."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    tmp = path.parent / f".{path.stem}.{uuid.uuid4().hex}.tmp"
+    # os.open with 0o666 lets the umask decide the mode, as for any file (mkstemp would force 0600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -181,6 +194,7 @@ def reference_logps(
         if values is not None:
             _count("cached", len(digests))
             return values
+        log.warning("reference cache entry %s does not hold this data's rows: recomputing it", path)
 
     ctx = model.disable_adapter() if hasattr(model, "disable_adapter") and hasattr(model, "peft_config") else None
     with ctx if ctx is not None else contextlib.nullcontext():

@@ -89,10 +89,10 @@ def _run_stages(cfg: RunConfig, out: Path, tracker) -> dict:
     from transformers import set_seed
 
     from seqdpo.data import build_objectives
+    from seqdpo.data.accounting import prepare_pairs
     from seqdpo.evaluation import evaluate_stage
     from seqdpo.joblog import StageClock
-    from seqdpo.logprobs import tokenize_pairs
-    from seqdpo.modeling import check_target_modules, load_model_and_tokenizer, make_lora_config, model_fingerprint
+    from seqdpo.modeling import check_target_modules, load_model, load_tokenizer, make_lora_config, model_fingerprint
     from seqdpo.refcache import reset_ref_forward_counts
     from seqdpo.strategies import plan_stages
     from seqdpo.strategies.merge import merge_into_default
@@ -100,13 +100,16 @@ def _run_stages(cfg: RunConfig, out: Path, tracker) -> dict:
     reset_ref_forward_counts()  # per job, also when a multirun runs several jobs in one process
     set_seed(cfg.seed)
     stage_objs = C.stage_objectives(cfg)
-    model, tok = load_model_and_tokenizer(cfg.model, cfg.ref_cache_dir)
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    # The data are built, tokenized and checked before the weights load: a data error costs seconds, not
+    # the minutes an 8B model takes to load.
+    tok = load_tokenizer(cfg.model)
     objectives = build_objectives(cfg.dataset, cfg.seed)
-    for name, obj in objectives.items():
-        log.info("objective %s: %d train / %d eval pairs %s", name, len(obj.train), len(obj.eval), obj.stats)
-    train_tok = {n: tokenize_pairs(o.train, tok, cfg.model.max_length) for n, o in objectives.items()}
-    eval_tok = {n: tokenize_pairs(o.eval, tok, cfg.model.max_length) for n, o in objectives.items()}
+    prepared = prepare_pairs(objectives, tok, cfg.dataset, cfg.model.max_length, cfg.seed)
+    train_tok, eval_tok = prepared.train, prepared.eval
+    if tracker is not None:
+        tracker.summary(prepared.summary_keys())
+    model = load_model(cfg.model, tok, cfg.ref_cache_dir)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
 
     set_seed(cfg.seed)  # the LoRA A init draws from the global RNG
     check_target_modules(model, cfg.lora, cfg.model.name)
@@ -168,10 +171,12 @@ def _run_stages(cfg: RunConfig, out: Path, tracker) -> dict:
         # DDP: only rank 0 writes stage tables, and it may not have written the last one yet (evaluation
         # is not synchronised across ranks), so other ranks stop here instead of reading them.
         return {"stages": stage_names, "rank": int(os.environ.get("RANK", "0"))}
-    return _write_results(cfg, out, tracker, stage_names, list(objectives), refs, recorder, plan, behaviour)
+    return _write_results(cfg, out, tracker, stage_names, list(objectives), refs, recorder, plan, prepared.table(),
+                          behaviour)
 
 
-def _write_results(cfg: RunConfig, out: Path, tracker, stage_names, objectives, refs, recorder, plan, behaviour=None) -> dict:
+def _write_results(cfg: RunConfig, out: Path, tracker, stage_names, objectives, refs, recorder, plan, accounting,
+                   behaviour=None) -> dict:
     """The job-level files (pairs.parquet, matrix.json, diagnostics.json) and their W&B counterparts."""
     from seqdpo.analysis.intervals import job_intervals
     from seqdpo.evaluation import summarize
@@ -185,10 +190,12 @@ def _write_results(cfg: RunConfig, out: Path, tracker, stage_names, objectives, 
     matrix["strategy"] = {"name": cfg.strategy.name, "stages": summary(plan)}
     if behaviour is not None:
         matrix["behaviour"] = behaviour.summary(stage_names)
+    matrix["pairs"] = accounting  # seqdpo.data.accounting: rows read, pairs built, dropped, truncated, kept
     pairs.to_parquet(out / "pairs.parquet", index=False)
     (out / "matrix.json").write_text(json.dumps(matrix, indent=1))
     job_diag = recorder.finalize(pairs, matrix) if recorder is not None else None
     if job_diag is not None:
+        job_diag["pairs"] = accounting
         (out / "diagnostics.json").write_text(json.dumps(job_diag, indent=1, default=float))
     if tracker is not None:
         from seqdpo.analysis.diagnostics import report_tables

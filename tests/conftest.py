@@ -20,8 +20,8 @@ CONF = REPO / "conf"
 
 # A job small enough for CI: a few pairs, a few steps per stage.
 SMALL_JOB = [
-    "dataset.options.n_train=32",
-    "dataset.options.n_eval=16",
+    "dataset.n_train=32",
+    "dataset.n_eval=16",
     "train.max_steps=4",
     "train.batch_size=4",
     "train.logging_steps=1",

@@ -110,11 +110,15 @@ def test_registry_pins_a_full_commit_sha(name):
 
 
 def test_subsampling_is_seeded():
+    from seqdpo.data.accounting import prepare_pairs
+    from seqdpo.modeling import build_tiny_tokenizer
+
     cfg = fixture_cfg("pku_saferlhf")
     cfg.n_train, cfg.n_eval = 5, 2
-    a, b = build_objectives(cfg, seed=3), build_objectives(cfg, seed=3)
-    assert len(a["safety"].train) == 5 and len(a["safety"].eval) == 2
-    assert a["safety"].train["pair_id"] == b["safety"].train["pair_id"]
+    tok = build_tiny_tokenizer(1024)
+    a, b = (prepare_pairs(build_objectives(cfg, seed=3), tok, cfg, 256, seed=3) for _ in range(2))
+    assert len(a.train["safety"]) == 5 and len(a.eval["safety"]) == 2
+    assert a.train["safety"]["pair_id"] == b.train["safety"]["pair_id"]
 
 
 # --- hand-checked rows ---------------------------------------------------------------------------
@@ -139,6 +143,8 @@ def test_hh_rlhf_parses_the_dialogue():
         "dropped_prefix_mismatch": 1,
         "dropped_identical": 1,
         "dropped_malformed": 1,
+        "marker_in_prompt_turn": 0,
+        "marker_in_response": 0,
     }
     assert all(pid.startswith("test-") for pid in helpful.eval["pair_id"])
     harmless = by_id(objectives["harmless"].train)["train-0"]
@@ -156,9 +162,9 @@ def test_hh_rlhf_parses_the_dialogue():
     ],
 )
 def test_hh_dialogue_parsing(dialogue, expected):
-    from seqdpo.data.hh_rlhf import parse_turns, split_dialogue
+    from seqdpo.data.hh_rlhf import ends_with_human, parse_turns, split_pair
 
-    split = split_dialogue(dialogue)
+    split = None if ends_with_human(dialogue) else split_pair(dialogue, dialogue + "!")
     parsed = None if split is None or parse_turns(split[0]) is None else (parse_turns(split[0]), split[1])
     assert parsed == expected
 
@@ -348,6 +354,36 @@ def test_hub_errors_name_the_hub_split(monkeypatch):
         DataError,
         match=r"Anthropic/hh-rlhf@09be8c5\w+ data_dir=helpful-base split 'train' row 0: missing column 'rejected'",
     ):
+        build_objectives(cfg, seed=0)
+
+
+def test_offline_hub_is_one_paragraph_naming_dataset_path():
+    """Was datasets' ConnectionError under a chain of tracebacks, with no word of dataset.path."""
+    cfg = fixture_cfg("hh_rlhf", ["harmless"])
+    cfg.path = None  # the tests run with HF_HUB_OFFLINE=1 (conftest): the real datasets code path refuses
+    with pytest.raises(DataError) as e:
+        build_objectives(cfg, seed=0)
+    message = str(e.value)
+    assert "Anthropic/hh-rlhf@09be8c5" in message and "dataset.path=DIR" in message
+    assert "unset HF_HUB_OFFLINE" in message and "\n" not in message
+    assert e.value.__cause__ is None and e.value.__suppress_context__
+
+
+def test_unreachable_hub_fails_at_once_without_load_dataset_retries(monkeypatch):
+    """Online mode without network: load_dataset's retries took ~25 s; one probe of the hub decides."""
+    import datasets
+    import huggingface_hub
+
+    def refused(*args, **kwargs):
+        raise OSError("[Errno -2] Name or service not known")  # what a failed DNS lookup raises
+
+    monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", refused)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("load_dataset retries for ~25 s"))
+    cfg = fixture_cfg("pku_saferlhf")
+    cfg.path = None
+    with pytest.raises(DataError, match=r"PKU-Alignment/PKU-SafeRLHF@d79b19b\w+ name=default from the Hugging Face "
+                       r"hub \(OSError: \[Errno -2\] Name or service not known\).*dataset.path=DIR.*network"):
         build_objectives(cfg, seed=0)
 
 

@@ -10,7 +10,7 @@ from seqdpo.runner import run_job
 
 pytestmark = pytest.mark.slow
 
-TINY = ["dataset.options.n_train=8", "dataset.options.n_eval=4", "train.batch_size=4", "train.max_steps=2",
+TINY = ["dataset.n_train=8", "dataset.n_eval=4", "train.batch_size=4", "train.max_steps=2",
         "logger=none", "diagnostics.grad_cosine=false", "diagnostics.adapter_movement=false",
         "diagnostics.likelihood=false", "lr=5e-3"]
 LOSS_FILES = sorted(p.stem for p in (CONF / "loss").glob("*.yaml"))
@@ -32,7 +32,7 @@ def test_loss_trains_in_a_job(loss, tmp_path):
 
 def test_sdpo_trains_each_stage_on_its_own_chunk(tmp_path):
     """order=sdpo2: objective a twice, split easy-to-hard into two halves, reference = previous stage."""
-    cfg = run_config(["order=sdpo2", "reference=previous", "dataset.options.n_train=16", "dataset.options.n_eval=4",
+    cfg = run_config(["order=sdpo2", "reference=previous", "dataset.n_train=16", "dataset.n_eval=4",
                       "train.batch_size=4", "train.max_steps=-1", "train.epochs=1", "logger=none",
                       "diagnostics.grad_cosine=false", f"ref_cache_dir={tmp_path / 'cache'}"])
     run = tmp_path / "run"

@@ -129,6 +129,37 @@ def test_corrupt_file_is_a_miss(tiny, tmp_path):
     assert np.isfinite(again["chosen_logps"]).all()
 
 
+def test_entry_with_arrays_of_the_wrong_length_is_recomputed(tiny, tmp_path, caplog):
+    """A well-formed file whose arrays are shorter than its rows raised IndexError on every run."""
+    cfg, model, tok, fp = tiny
+    tds = lp.tokenize_pairs(_ds(5), tok, 32)
+    first = refcache.reference_logps(model, tds, fingerprint=fp, cache_dir=tmp_path, batch_size=4)
+    (path,) = tmp_path.glob("*.npz")
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["chosen_logps"] = arrays["chosen_logps"][:3]
+    np.savez(path, **arrays)
+    with caplog.at_level("WARNING", logger="seqdpo.refcache"):
+        again = refcache.reference_logps(model, tds, fingerprint=fp, cache_dir=tmp_path, batch_size=4)
+    assert str(path) in caplog.text and "different lengths" in caplog.text
+    assert refcache.ref_forward_counts() == {"computed": 10, "cached": 0}
+    np.testing.assert_allclose(again["chosen_logps"], first["chosen_logps"], rtol=1e-6)
+    refcache.reference_logps(model, tds, fingerprint=fp, cache_dir=tmp_path, batch_size=4)
+    assert refcache.ref_forward_counts()["cached"] == 5  # rewritten whole
+
+
+def test_cache_files_follow_the_umask(tiny, tmp_path):
+    """Files were created 0600, unreadable to the group sharing the cache directory."""
+    cfg, model, tok, fp = tiny
+    old = os.umask(0o002)
+    try:
+        refcache.reference_logps(model, lp.tokenize_pairs(_ds(3), tok, 32), fingerprint=fp, cache_dir=tmp_path)
+    finally:
+        os.umask(old)
+    (path,) = tmp_path.glob("*.npz")
+    assert path.stat().st_mode & 0o777 == 0o664
+
+
 def _writer(path: str, seed: int, rounds: int, q) -> None:
     rng = np.random.default_rng(seed)
     arrays = {"row_digest": np.asarray([f"{i:032x}" for i in range(2000)]), "chosen_logps": rng.normal(size=2000)}

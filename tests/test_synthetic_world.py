@@ -11,8 +11,8 @@ from seqdpo.data import DataError, build_objectives
 from seqdpo.data import synthetic as S
 
 
-def world(objectives=("polite", "factual"), run_seed=0, **options):
-    cfg = DatasetConfig(name="synthetic", objectives=list(objectives), options={"n_train": 200, "n_eval": 20, **options})
+def world(objectives=("polite", "factual"), run_seed=0, n_train=200, **options):
+    cfg = DatasetConfig(name="synthetic", objectives=list(objectives), n_train=n_train, n_eval=20, options=options)
     return build_objectives(cfg, run_seed)
 
 
@@ -105,6 +105,15 @@ def test_world_words_are_single_tokens_of_the_tiny_tokenizer():
     assert [w for w in words if len(tok.tokenize(" " + w)) != 1] == []
 
 
+def test_dataset_n_train_and_n_eval_set_the_generated_pairs():
+    # dataset.n_train above the old options.n_train (256) was capped to 256 silently
+    objs = world(n_train=300)
+    assert (len(objs["polite"].train), len(objs["polite"].eval)) == (300, 20)
+    assert objs["polite"].stats["train"]["rows"] == 300
+    # a larger split extends the smaller one: the first pairs stay the same
+    assert world(n_train=300)["polite"].train["chosen"][:200] == world()["polite"].train["chosen"]
+
+
 def test_data_follow_the_seed_and_the_seed_option():
     a, b = world(run_seed=1)["polite"].train, world(run_seed=1)["polite"].train
     assert a["chosen"] == b["chosen"] and a["pair_id"] == b["pair_id"]
@@ -121,8 +130,7 @@ def test_data_follow_the_seed_and_the_seed_option():
         ({"strength": 1.5}, "strength=1.5 must be a number in [0, 1.0]"),
         ({"strength": "high"}, "strength='high'"),
         ({"noise": 0.6}, "noise=0.6 must be a number in [0, 0.5]"),
-        ({"n_train": 0}, "n_train=0 must be an integer >= 1"),
-        ({"n_eval": 2.5}, "n_eval=2.5 must be an integer"),
+        ({"n_eval": 32}, "moved to dataset.n_train / dataset.n_eval (e.g. dataset.n_eval=32)"),
         ({"markers": True}, "markers=True must be an integer"),
         ({"markers": 8, "slot": 8}, "markers=8 must be below slot=8"),
         ({"slot": 40}, "slot=40 must be at most"),

@@ -57,7 +57,11 @@ def register(spec: DatasetSpec) -> DatasetSpec:
 
 
 def build_objectives(cfg: "DatasetConfig", seed: int) -> dict[str, Objective]:
-    """Builds the objectives named in `cfg.objectives`, in that order, each subsampled to n_train / n_eval."""
+    """Builds the objectives named in `cfg.objectives`, in that order, with every pair the builder made.
+
+    The draw of `n_train` / `n_eval` pairs happens at tokenization (`seqdpo.data.accounting`), where
+    pairs that `model.max_length` drops are replaced.
+    """
     if cfg.name not in DATASETS:
         raise DataError(f"unknown dataset '{cfg.name}'; known: {sorted(DATASETS)}")
     spec = DATASETS[cfg.name]
@@ -78,16 +82,8 @@ def build_objectives(cfg: "DatasetConfig", seed: int) -> dict[str, Objective]:
                     f"dataset '{cfg.name}' objective '{name}': the {split} split is empty after filtering "
                     f"(builder stats: {obj.stats})"
                 )
-        obj.train = _subsample(obj.train, cfg.n_train, seed)
-        obj.eval = _subsample(obj.eval, cfg.n_eval, seed + 1)
         out[name] = obj
     return out
-
-
-def _subsample(ds: "Dataset", n: int | None, seed: int) -> "Dataset":
-    if n is None or n >= len(ds):
-        return ds
-    return ds.shuffle(seed=seed).select(range(n))
 
 
 # The builders register themselves on import; imported last because they import the names above.

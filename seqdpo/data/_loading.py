@@ -79,12 +79,46 @@ def read_split(path: str | None, revision: str | None, layout: Layout, split: st
 
 def _hub_rows(revision: str | None, layout: Layout, split: str, source: str) -> Iterator[tuple[RowRef, dict]]:
     import datasets
+    from huggingface_hub import is_offline_mode
 
-    ds = datasets.load_dataset(
-        layout.hub_id, name=layout.name, data_dir=layout.data_dir, revision=revision, split=split
-    )
+    if not is_offline_mode():
+        _check_hub_reachable(revision, layout)
+    try:
+        ds = datasets.load_dataset(
+            layout.hub_id, name=layout.name, data_dir=layout.data_dir, revision=revision, split=split
+        )
+    except ConnectionError as e:  # offline mode, and the dataset is not in the local Hugging Face cache
+        raise DataError(_unreachable(revision, layout, e)) from None
     for i, row in enumerate(ds):
         yield RowRef(source, i, i), row
+
+
+def _check_hub_reachable(revision: str | None, layout: Layout) -> None:
+    """One quick request before load_dataset, whose retries take ~25 s to give up on an unreachable hub."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        HfApi().dataset_info(layout.hub_id, revision=revision, timeout=10)
+    except HfHubHTTPError:
+        return  # the hub answered (e.g. a gated dataset): load_dataset says what is wrong
+    except Exception as e:  # no network, DNS, proxy, timeout: httpx and OS errors share no base class
+        raise DataError(_unreachable(revision, layout, e)) from None
+
+
+def _unreachable(revision: str | None, layout: Layout, error: BaseException) -> str:
+    """One paragraph: what could not be read, why, and the way out (a local copy via dataset.path)."""
+    from huggingface_hub import is_offline_mode
+
+    online = "unset HF_HUB_OFFLINE" if is_offline_mode() else "check the network or proxy"
+    return (
+        f"cannot load {_hub_label(revision, layout)} from the Hugging Face hub ({type(error).__name__}: "
+        f"{str(error).splitlines()[0] if str(error) else 'no detail'}). dataset.path is not set, so the data "
+        f"must come from the hub. Way out: on a machine with hub access run `huggingface-cli download "
+        f"{layout.hub_id} --repo-type dataset --revision {revision or 'main'} --local-dir DIR`, copy DIR here "
+        f"and run with dataset.path=DIR (layout under DIR: {_expected_files(layout)}); or {online} if this "
+        "machine should reach the hub."
+    )
 
 
 def _local_rows(files: list[str]) -> Iterator[tuple[RowRef, dict]]:
@@ -242,21 +276,26 @@ class PairSet:
         self.rows: list[dict] = []
         self.stats: Counter = Counter()
 
-    def add(self, pair_id: str, prompt: list[dict[str, str]], chosen: str, rejected: str) -> None:
-        """Adds a pair unless a response is empty or both are the same text (no preference to learn)."""
+    def add(self, pair_id: str, prompt: list[dict[str, str]], chosen: str, rejected: str) -> bool:
+        """Adds a pair unless a response is empty or both are the same text (no preference to learn).
+
+        Returns whether the pair was added.
+        """
         if not chosen.strip() or not rejected.strip():
             self.drop("empty_response")
-        elif chosen == rejected:
+            return False
+        if chosen == rejected:
             self.drop("identical")
-        else:
-            self.rows.append(
-                {
-                    "pair_id": pair_id,
-                    "prompt": prompt,
-                    "chosen": [{"role": "assistant", "content": chosen}],
-                    "rejected": [{"role": "assistant", "content": rejected}],
-                }
-            )
+            return False
+        self.rows.append(
+            {
+                "pair_id": pair_id,
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+            }
+        )
+        return True
 
     def drop(self, reason: str) -> None:
         self.stats[f"dropped_{reason}"] += 1

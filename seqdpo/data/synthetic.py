@@ -24,8 +24,9 @@ More objectives, for other studies:
     unseen               responses of a vocabulary no other objective uses, no preference: its likelihood
                          shifts measure dispersion onto responses outside every training pair
 
-Options (`dataset.options`): relation, strength, noise, markers, slot, n_train, n_eval, seed (the data
-seed; default: the run seed). docs/synthetic.md explains the choices and what the world reproduces.
+Options (`dataset.options`): relation, strength, noise, markers, slot, seed (the data seed; default:
+the run seed). The number of pairs generated per split is `dataset.n_train` / `dataset.n_eval`
+(default 256 / 64). docs/synthetic.md explains the choices and what the world reproduces.
 """
 
 from __future__ import annotations
@@ -59,14 +60,19 @@ DEFAULTS: dict[str, Any] = {
     "noise": 0.0,
     "markers": 1,
     "slot": 8,
-    "n_train": 256,
-    "n_eval": 64,
     "seed": None,
 }
+SIZES = {"n_train": 256, "n_eval": 64}  # pairs per split when dataset.n_train / n_eval are null
 
 
 def parse_options(options: dict) -> dict[str, Any]:
     """The builder's options with defaults filled in; a `DataError` names any bad key or value."""
+    moved = sorted(set(options) & set(SIZES))
+    if moved:
+        raise DataError(
+            f"dataset 'synthetic': option(s) {moved} moved to dataset.n_train / dataset.n_eval "
+            f"(e.g. dataset.{moved[0]}={options[moved[0]]}); remove dataset.options.{moved[0]}"
+        )
     unknown = sorted(set(options) - set(DEFAULTS))
     if unknown:
         raise DataError(f"dataset 'synthetic': unknown option(s) {unknown}; known: {sorted(DEFAULTS)}")
@@ -82,7 +88,7 @@ def parse_options(options: dict) -> dict[str, Any]:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= hi:
             fail(key, f"a number in [0, {hi}]")
         opts[key] = float(v)
-    for key, lo in (("n_train", 1), ("n_eval", 1), ("markers", 1), ("slot", 2)):
+    for key, lo in (("markers", 1), ("slot", 2)):
         v = opts[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             fail(key, f"an integer >= {lo}")
@@ -121,7 +127,7 @@ def attribute_pair(objective: str, rng: random.Random, opts: dict) -> tuple[dict
 
 def _pairs(objective: str, n: int, rng: random.Random, split: str, opts: dict) -> tuple[dict, dict]:
     rows = {"pair_id": [], "prompt": [], "chosen": [], "rejected": []}
-    stats = {"coupled": 0, "flipped": 0}
+    stats = {"rows": n, "coupled": 0, "flipped": 0}
     m, slot = opts["markers"], opts["slot"]
     for i in range(n):
         topic = rng.choice(TOPICS)
@@ -161,11 +167,13 @@ def build(cfg, seed: int) -> dict[str, Objective]:
 
     opts = parse_options(dict(cfg.options))
     data_seed = seed if opts["seed"] is None else opts["seed"]
+    n_train = SIZES["n_train"] if cfg.n_train is None else cfg.n_train
+    n_eval = SIZES["n_eval"] if cfg.n_eval is None else cfg.n_eval
     out = {}
     for name in (o for o in OBJECTIVES if o in cfg.objectives):
         # One stream per objective and split: adding an objective or resizing a split changes no other pair.
-        train, st_train = _pairs(name, opts["n_train"], random.Random(f"{data_seed}-{name}-train"), "train", opts)
-        eval_, st_eval = _pairs(name, opts["n_eval"], random.Random(f"{data_seed}-{name}-eval"), "eval", opts)
+        train, st_train = _pairs(name, n_train, random.Random(f"{data_seed}-{name}-train"), "train", opts)
+        eval_, st_eval = _pairs(name, n_eval, random.Random(f"{data_seed}-{name}-eval"), "eval", opts)
         relation = f" ({opts['relation']}, strength {opts['strength']})" if name in ATTRIBUTE_OBJECTIVES else ""
         out[name] = Objective(
             name,

@@ -1,0 +1,209 @@
+"""Pair accounting: what happens to every row between a dataset file and the pairs a job trains and scores.
+
+    prepared = prepare_pairs(objectives, tokenizer, cfg.dataset, cfg.model.max_length, seed)
+    prepared.train[name], prepared.eval[name]   # tokenized splits (seqdpo.logprobs.tokenize_pairs)
+    prepared.table()                             # {objective: {split: counts}}: matrix.json "pairs"
+
+Per objective x split it counts: the rows the builder read and the pairs it built, with its drops by
+reason; the draw of `dataset.n_train` / `n_eval` pairs in a seeded order, where a pair that
+tokenization drops is replaced by the next one in that order, so a split holds the requested number
+of pairs whenever the data have them (fewer is a "cap", logged); the pairs `model.max_length` drops
+(prompt alone too long, truncation left chosen == rejected) and truncates (pairs, tokens lost); the
+pairs kept. Built pairs never tokenized because the split was already full are `unused`. For every
+objective x split:
+
+    built + builder drops == kept + every drop + unused
+
+(for every builder but helpsteer2 the left side is the rows read; a helpsteer2 pair is two rows).
+Each split gets one log line. More than `dataset.warn_fraction` of a split's pairs dropped or
+truncated by `model.max_length` is a warning; fewer than `dataset.min_pairs` pairs kept is a DataError
+naming the objective, the split and `model.max_length`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+from seqdpo.data import DataError, Objective
+
+if TYPE_CHECKING:
+    from seqdpo.config import DatasetConfig
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "eval")
+SPLIT_SIZE_KEYS = {"train": "n_train", "eval": "n_eval"}
+_DRAW_SEED_OFFSET = {"train": 0, "eval": 1}  # the train and eval draws of one run differ
+
+
+@dataclass
+class SplitAccount:
+    objective: str
+    split: str
+    rows: int  # rows the builder read
+    built: int  # pairs the builder made
+    requested: int | None  # dataset.n_train / n_eval (None = all)
+    tokenized: int  # pairs drawn and tokenized
+    kept: int  # pairs the job uses
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> pairs: the builder's, then tokenization's
+    truncated: int = 0  # kept pairs that lost completion tokens to model.max_length
+    tokens_lost: int = 0  # completion tokens (chosen + rejected) those pairs lost
+    builder_counts: dict = field(default_factory=dict)  # the builder's other counts (e.g. unpaired_rows)
+
+    @property
+    def unused(self) -> int:
+        return self.built - self.tokenized
+
+    @property
+    def capped(self) -> bool:
+        return self.requested is not None and self.kept < self.requested
+
+    @property
+    def max_length_losses(self) -> int:
+        """Pairs dropped or truncated by model.max_length."""
+        from seqdpo.logprobs import TOKEN_DROP_REASONS
+
+        return sum(self.dropped.get(r, 0) for r in TOKEN_DROP_REASONS) + self.truncated
+
+    @property
+    def lost_fraction(self) -> float:
+        return self.max_length_losses / self.tokenized if self.tokenized else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("objective"), d.pop("split")
+        d.update(unused=self.unused, capped=self.capped, lost_fraction=self.lost_fraction)
+        return d
+
+    def line(self, max_length: int | None) -> str:
+        drops = ", ".join(f"{reason} {n}" for reason, n in self.dropped.items() if n) or "none"
+        want = "all" if self.requested is None else str(self.requested)
+        text = (
+            f"pairs {self.objective}/{self.split}: {self.rows} rows read, {self.built} pairs built, "
+            f"{self.kept} kept of {want} requested; dropped: {drops}; "
+            f"truncated to model.max_length={max_length}: {self.truncated} pairs ({self.tokens_lost} tokens)"
+        )
+        if self.unused:
+            text += f"; {self.unused} built pairs unused"
+        if self.builder_counts:
+            text += "; builder: " + ", ".join(f"{k} {_short(v)}" for k, v in self.builder_counts.items())
+        return text
+
+
+@dataclass
+class PreparedPairs:
+    train: dict  # objective -> tokenized train split
+    eval: dict  # objective -> tokenized eval split
+    accounts: list[SplitAccount]
+
+    def table(self) -> dict[str, dict[str, dict]]:
+        out: dict[str, dict[str, dict]] = {}
+        for a in self.accounts:
+            out.setdefault(a.objective, {})[a.split] = a.to_dict()
+        return out
+
+    def summary_keys(self) -> dict[str, float]:
+        """Flat `pairs/<objective>/<split>/<count>` keys (W&B summary)."""
+        flat = {}
+        for a in self.accounts:
+            d = a.to_dict()
+            for key in ("rows", "built", "kept", "truncated", "tokens_lost", "unused", "lost_fraction"):
+                flat[f"pairs/{a.objective}/{a.split}/{key}"] = d[key]
+            for reason, n in a.dropped.items():
+                flat[f"pairs/{a.objective}/{a.split}/dropped_{reason}"] = n
+        return flat
+
+
+def prepare_pairs(
+    objectives: dict[str, Objective], tokenizer, cfg: "DatasetConfig", max_length: int | None, seed: int
+) -> PreparedPairs:
+    """Draws, tokenizes and accounts every objective's splits; logs one line per split.
+
+    Raises:
+        DataError: a split keeps fewer than `cfg.min_pairs` pairs (the message names the objective, the
+            split, what dropped its pairs and `model.max_length`).
+    """
+    prepared = PreparedPairs({}, {}, [])
+    for name, obj in objectives.items():
+        for split in SPLITS:
+            requested = getattr(cfg, SPLIT_SIZE_KEYS[split])
+            ds, account = _draw_split(
+                name, split, getattr(obj, split), obj.stats.get(split, {}), requested, tokenizer, max_length,
+                seed + _DRAW_SEED_OFFSET[split],
+            )
+            getattr(prepared, split)[name] = ds
+            prepared.accounts.append(account)
+    for account in prepared.accounts:
+        _report(account, cfg, max_length)
+    return prepared
+
+
+def _draw_split(name, split, ds, builder_stats: dict, requested, tokenizer, max_length, seed):
+    from datasets import concatenate_datasets
+
+    from seqdpo.logprobs import tokenize_pairs_counted
+
+    built = len(ds)
+    order = ds.shuffle(seed=seed) if requested is not None and requested < built else ds
+    want = built if requested is None else min(requested, built)
+    parts, counts, start, kept = [], {}, 0, 0
+    # Tokenize only as many pairs as are still missing: a split of 10k pairs drawn from 160k rows
+    # never tokenizes the 150k it does not use.
+    while kept < want and start < built:
+        chunk = order.select(range(start, min(built, start + want - kept)))
+        start += len(chunk)
+        tokenized, c = tokenize_pairs_counted(chunk, tokenizer, max_length)
+        parts.append(tokenized)
+        kept += len(tokenized)
+        counts = {k: counts.get(k, 0) + v for k, v in c.items()}
+    builder_drops = {k.removeprefix("dropped_"): v for k, v in builder_stats.items() if k.startswith("dropped_")}
+    token_drops = {k.removeprefix("dropped_"): v for k, v in counts.items() if k.startswith("dropped_")}
+    account = SplitAccount(
+        objective=name,
+        split=split,
+        rows=int(builder_stats.get("rows", built + sum(builder_drops.values()))),
+        built=built,
+        requested=requested,
+        tokenized=start,
+        kept=kept,
+        dropped={**builder_drops, **token_drops},
+        truncated=counts.get("truncated", 0),
+        tokens_lost=counts.get("tokens_lost", 0),
+        builder_counts={k: v for k, v in builder_stats.items() if not k.startswith("dropped_") and k not in ("rows", "pairs")},
+    )
+    ds_out = concatenate_datasets(parts) if len(parts) > 1 else (parts[0] if parts else order.select([]))
+    return ds_out, account
+
+
+def _report(a: SplitAccount, cfg: "DatasetConfig", max_length: int | None) -> None:
+    log.info(a.line(max_length))
+    size_key = f"dataset.{SPLIT_SIZE_KEYS[a.split]}"
+    if a.kept < cfg.min_pairs:
+        raise DataError(
+            f"objective '{a.objective}', {a.split} split: {a.kept} pairs left, fewer than dataset.min_pairs="
+            f"{cfg.min_pairs}. {a.line(max_length)}. "
+            + (
+                f"model.max_length={max_length} dropped {a.max_length_losses - a.truncated} of them: raise "
+                "model.max_length"
+                if a.max_length_losses > a.truncated
+                else f"the data hold no more: check {size_key}, dataset.path and the builder's drops"
+            )
+        )
+    if a.capped:
+        log.warning(
+            "pairs %s/%s: %s=%d asks for more pairs than the split has; using all %d",
+            a.objective, a.split, size_key, a.requested, a.kept,
+        )
+    if a.lost_fraction > cfg.warn_fraction:
+        log.warning(
+            "pairs %s/%s: model.max_length=%s dropped or truncated %.1f%% of the pairs (%d of %d; "
+            "dataset.warn_fraction=%s): raise model.max_length to keep them whole",
+            a.objective, a.split, max_length, 100 * a.lost_fraction, a.max_length_losses, a.tokenized,
+            cfg.warn_fraction,
+        )
+
+
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
