@@ -148,7 +148,7 @@ def test_a_draw_replaces_dropped_pairs_and_a_cap_is_logged(tok, caplog):
     assert eval_["kept"] == 10 and eval_["capped"] and eval_["unused"] == 0
     assert_adds_up(eval_)
     assert "dataset.n_eval=100 asks for more pairs than the split has; using all 10" in caplog.text
-    assert "pairs harmless/train: 27 rows read, 26 pairs built, 24 kept of 24 requested" in caplog.text
+    assert "pairs harmless: train: 24 kept of 24 requested (27 rows read, 26 pairs built; dropped: " in caplog.text
     again = prepare_pairs(objectives, tok, cfg, 128, seed=0)
     assert again.train["harmless"]["pair_id"] == prepared.train["harmless"]["pair_id"]  # seeded
     assert prepare_pairs(objectives, tok, cfg, 128, seed=1).train["harmless"]["pair_id"] != again.train["harmless"]["pair_id"]
@@ -247,7 +247,9 @@ def test_job_on_hh_fixtures_stores_its_pair_accounting(tmp_path, caplog):
             a = table[objective][split]
             assert_adds_up(a)
             assert summary[f"pairs/{objective}/{split}/kept"] == a["kept"]
-            assert f"pairs {objective}/{split}: {a['rows']} rows read, {a['built']} pairs built, {a['kept']} kept" in caplog.text
+            assert f"{split}: {a['kept']} kept of all requested ({a['rows']} rows read, {a['built']} pairs built" in caplog.text
+        line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith(f"pairs {objective}: "))
+        assert " | eval: " in line  # one line per objective
         assert (pairs[(pairs.stage == 2) & (pairs.objective == objective)].pair_id.nunique()) == table[objective]["eval"]["kept"]
     harmless = table["harmless"]["eval"]
     assert (harmless["rows"], harmless["kept"], harmless["truncated"]) == (13, 10, 1)
@@ -256,6 +258,14 @@ def test_job_on_hh_fixtures_stores_its_pair_accounting(tmp_path, caplog):
     kept = set(pairs[pairs.objective == "harmless"].pair_id)
     assert {edge_id("eval", n) for n in ("marker_in_response", "human_in_response", "marker_in_prompt_turn",
                                          "many_turns")} <= kept
+
+    from seqdpo.report import build_report
+
+    written = build_report(tmp_path, tmp_path / "report")
+    report = __import__("pandas").read_csv(written["pairs_csv"]).set_index(["objective", "split"])
+    assert report.loc[("harmless", "eval"), "kept"] == 10
+    assert report.loc[("harmless", "eval"), "dropped_truncated_to_identical"] == 1
+    assert "## Pairs kept and dropped" in (tmp_path / "report" / "summary.md").read_text()
 
 
 @pytest.mark.slow

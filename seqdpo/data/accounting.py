@@ -15,7 +15,7 @@ objective x split:
     built + builder drops == kept + every drop + unused
 
 (for every builder but helpsteer2 the left side is the rows read; a helpsteer2 pair is two rows).
-Each split gets one log line. More than `dataset.warn_fraction` of a split's pairs dropped or
+Each objective gets one log line. More than `dataset.warn_fraction` of a split's pairs dropped or
 truncated by `model.max_length` is a warning; fewer than `dataset.min_pairs` pairs kept is a DataError
 naming the objective, the split and `model.max_length`.
 """
@@ -78,18 +78,19 @@ class SplitAccount:
         return d
 
     def line(self, max_length: int | None) -> str:
+        """The split's counts in words: '<split>: 24 kept of 24 requested (27 rows read, ...)'."""
         drops = ", ".join(f"{reason} {n}" for reason, n in self.dropped.items() if n) or "none"
         want = "all" if self.requested is None else str(self.requested)
         text = (
-            f"pairs {self.objective}/{self.split}: {self.rows} rows read, {self.built} pairs built, "
-            f"{self.kept} kept of {want} requested; dropped: {drops}; "
-            f"truncated to model.max_length={max_length}: {self.truncated} pairs ({self.tokens_lost} tokens)"
+            f"{self.split}: {self.kept} kept of {want} requested ({self.rows} rows read, {self.built} pairs built; "
+            f"dropped: {drops}; truncated at model.max_length={max_length}: {self.truncated} pairs, "
+            f"{self.tokens_lost} tokens"
         )
         if self.unused:
             text += f"; {self.unused} built pairs unused"
         if self.builder_counts:
             text += "; builder: " + ", ".join(f"{k} {_short(v)}" for k, v in self.builder_counts.items())
-        return text
+        return text + ")"
 
 
 @dataclass
@@ -135,8 +136,11 @@ def prepare_pairs(
             )
             getattr(prepared, split)[name] = ds
             prepared.accounts.append(account)
-    for account in prepared.accounts:
-        _report(account, cfg, max_length)
+    for name in objectives:
+        mine = [a for a in prepared.accounts if a.objective == name]
+        log.info("pairs %s: %s", name, " | ".join(a.line(max_length) for a in mine))
+        for account in mine:
+            _check(account, cfg, max_length)
     return prepared
 
 
@@ -177,13 +181,12 @@ def _draw_split(name, split, ds, builder_stats: dict, requested, tokenizer, max_
     return ds_out, account
 
 
-def _report(a: SplitAccount, cfg: "DatasetConfig", max_length: int | None) -> None:
-    log.info(a.line(max_length))
+def _check(a: SplitAccount, cfg: "DatasetConfig", max_length: int | None) -> None:
     size_key = f"dataset.{SPLIT_SIZE_KEYS[a.split]}"
     if a.kept < cfg.min_pairs:
         raise DataError(
             f"objective '{a.objective}', {a.split} split: {a.kept} pairs left, fewer than dataset.min_pairs="
-            f"{cfg.min_pairs}. {a.line(max_length)}. "
+            f"{cfg.min_pairs} ({a.line(max_length)}). "
             + (
                 f"model.max_length={max_length} dropped {a.max_length_losses - a.truncated} of them: raise "
                 "model.max_length"

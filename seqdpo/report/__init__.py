@@ -12,6 +12,7 @@ or Hydra's `.hydra/`; layout in docs/DESIGN.md) and writes to `--out` (default `
     verdicts.csv     per job, objective, stage and column: the change against its baseline stage and its verdict
     seeds.csv        per setting and order: mean, sd, t-interval and pooled pair-level interval across seeds
     jobs.csv         every job with its status and log file
+    pairs.csv        per job, objective and split: rows read, pairs built, kept, dropped by reason, truncated
     summary.md       per dataset: the forgetting-by-order figure; per setting (jobs differing only by order
                      and seed) the seeds aggregated, then per seed the orders side by side (+ summary.html
                      with --html, self-contained: its images are embedded)

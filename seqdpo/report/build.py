@@ -30,6 +30,7 @@ from seqdpo.report.tables import (
     likelihood_side_by_side,
     matrix_side_by_side,
     metrics_table,
+    pairs_table,
     quartile_side_by_side,
     transfer_side_by_side,
     verdicts_side_by_side,
@@ -53,6 +54,7 @@ def build_report(root: Path, out: Path, html_too: bool = False) -> dict[str, Any
         "likelihood": analysis_rows(jobs, "likelihood"),
         "diagnostics": diagnostics_table(jobs),
         "verdicts": verdicts_table(jobs),
+        "pairs": pairs_table(jobs),
     }
     for name, df in tables.items():
         p = out / f"{name}.csv"
@@ -72,6 +74,10 @@ def build_report(root: Path, out: Path, html_too: bool = False) -> dict[str, Any
                                  "problems": "; ".join(j.problems)} for j in not_done]))
     doc.h(2, "All jobs")
     doc.table(jobs_df[["job", *FACTORS, "status"]] if len(jobs_df) else jobs_df)
+    if len(tables["pairs"]):
+        doc.h(2, "Pairs kept and dropped")
+        doc.p("Per job, objective and split (README, \"What gets dropped, and why\"); every count is in pairs.csv.")
+        doc.table(tables["pairs"][["job", "objective", "split", "rows", "kept", "truncated", "lost_fraction"]])
 
     with_results = [j for j in jobs if j.matrix]
     seed_frames = []

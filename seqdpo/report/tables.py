@@ -59,6 +59,18 @@ def metrics_table(jobs: list[Job]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def pairs_table(jobs: list[Job]) -> pd.DataFrame:
+    """The pair accounting of every finished job: one row per job x objective x split, drops by reason."""
+    rows = []
+    for job in jobs:
+        for objective, splits in ((job.matrix or {}).get("pairs") or {}).items():
+            for split, a in splits.items():
+                counts = {k: v for k, v in a.items() if k not in ("dropped", "builder_counts")}
+                drops = {f"dropped_{reason}": n for reason, n in a.get("dropped", {}).items()}
+                rows.append({**base_row(job), "objective": objective, "split": split, **counts, **drops})
+    return pd.DataFrame(rows)
+
+
 def analysis_rows(jobs: list[Job], key: str) -> pd.DataFrame:
     from seqdpo.analysis.pairs import decomposition_rows
     from seqdpo.analysis.transfer import transfer_rows
