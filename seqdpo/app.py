@@ -22,6 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from seqdpo.config import ConfigError, RunConfig, signature, validate
+from seqdpo.data import DataError
 
 log = logging.getLogger("seqdpo")
 
@@ -82,8 +83,9 @@ def main(cfg: DictConfig) -> dict:
         matrix = run_job(run_cfg, hc.runtime.output_dir, group=group)
         log_result(matrix, hc.runtime.output_dir, time.time() - t0)  # after W&B's footer: the last thing printed
         return matrix
-    except ConfigError as e:
-        # A user error: one paragraph on the console, the traceback only in seqdpo.log.
+    except (ConfigError, DataError) as e:
+        # A user error (config, or data that cannot be read or leaves too few pairs): one paragraph on the
+        # console, the traceback only in seqdpo.log.
         log.error("%s", e, exc_info=True)
         if hc.mode == RunMode.RUN:
             raise SystemExit(1) from None  # Hydra would print the traceback again

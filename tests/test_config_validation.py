@@ -75,6 +75,10 @@ BAD_VALUES = [
     ("eval.generate=true scorer.train_batch_size=0", "scorer.train_batch_size", ">= 1"),
     ("eval.generate=true scorer.epochs=0", "scorer.epochs", "> 0"),
     ("eval.generate=true scorer.lr=0", "scorer.lr", "> 0"),
+    ("dataset.n_eval=0", "dataset.n_eval", ">= 1, or null for all"),
+    ("dataset.n_train=-1", "dataset.n_train", ">= 1, or null for all"),
+    ("dataset.min_pairs=0", "dataset.min_pairs", ">= 1"),
+    ("dataset.warn_fraction=1.5", "dataset.warn_fraction", "[0, 1]"),
     # Added with + (what Hydra suggests after a typo): refused with the nearest real key.
     ("+train.batch_sise=4", "train.batch_sise", "did you mean 'train.batch_size'"),
     ("++eval.tie_tolerence=0.1", "eval.tie_tolerence", "did you mean 'eval.tie_tolerance'"),
@@ -100,7 +104,7 @@ def test_every_numeric_and_name_key_has_a_bad_value_row():
     free = {  # keys whose every typed value is valid, or that only the dataset builders can judge
         "model", "dataset", "order", "lora", "loss", "logger", "train", "eval", "diagnostics", "model.tiny",
         "model.revision", "model.tiny.init_seed", "dataset.name", "dataset.path", "dataset.revision",
-        "dataset.n_train", "dataset.n_eval", "dataset.options", "order.name", "order.stages", "logger.project",
+        "dataset.options", "order.name", "order.stages", "logger.project",
         "logger.entity", "logger.group", "logger.tags", "train.gradient_checkpointing", "train.bf16",
         "train.disable_dropout", "diagnostics.grad_cosine", "diagnostics.adapter_movement",
         "diagnostics.likelihood", "ref_cache_dir", "eval.generate", "eval.generation", "eval.generation.greedy",
