@@ -33,7 +33,7 @@ def warm_base(warm_cache):
 
 
 def test_oracle_reads_the_worlds_attributes():
-    objs = build_objectives(run_config(["dataset.options.n_eval=8"]).dataset, 0)
+    objs = build_objectives(run_config(["dataset.n_eval=8"]).dataset, 0)
     for name in ("polite", "factual"):
         for row in objs[name].eval:
             # one marker in a slot of 8 (the world's defaults); without the attribute, none
