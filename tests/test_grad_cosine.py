@@ -16,7 +16,7 @@ RELATIONS = ("conflicting", "orthogonal", "compatible")
 # Stage 1 is short (4 steps at the synthetic study's lr): what matters is the model at stage 2's start.
 # Only the probe defaults are under test; the other diagnostics are off to keep the 9 jobs cheap.
 JOB = [
-    "lr=5e-3", "train.max_steps=4", "dataset.options.n_train=64", "dataset.options.n_eval=16",
+    "lr=5e-3", "train.max_steps=4", "dataset.n_train=64", "dataset.n_eval=16",
     "diagnostics.likelihood=false", "diagnostics.adapter_movement=false",
 ]
 
