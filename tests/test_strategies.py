@@ -133,7 +133,7 @@ def test_l2_anchor_is_the_squared_change_of_the_effective_update():
 # --- real jobs -----------------------------------------------------------------------------------------
 
 # Three steps a stage, no warmup (its first step would have lr 0): the anchor acts from the second step on.
-TINY = ["dataset.options.n_train=8", "dataset.options.n_eval=4", "train.batch_size=4", "train.max_steps=3",
+TINY = ["dataset.n_train=8", "dataset.n_eval=4", "train.batch_size=4", "train.max_steps=3",
         "train.warmup_ratio=0", "train.save_steps=1", "lr=5e-3"]
 NO_DIAGNOSTICS = ["diagnostics.grad_cosine=false", "diagnostics.adapter_movement=false", "diagnostics.likelihood=false"]
 CASES = {  # diagnostics and W&B where a strategy changes the rows they follow (joint, merge)
@@ -318,8 +318,8 @@ def test_report_has_the_mitigations_view(jobs, tmp_path):
 
 # --- the synthetic study (conf/experiment/mitigations.yaml, smaller) ---------------------------------------
 
-STUDY = ["experiment=mitigations", "dataset.options.relation=conflicting", "dataset.options.n_train=128",
-         "dataset.options.n_eval=64", "logger=none", "eval.bootstrap=0", *NO_DIAGNOSTICS]
+STUDY = ["experiment=mitigations", "dataset.options.relation=conflicting", "dataset.n_train=128",
+         "dataset.n_eval=64", "logger=none", "eval.bootstrap=0", *NO_DIAGNOSTICS]
 
 
 @pytest.mark.slow
