@@ -257,3 +257,27 @@ def test_behaviour_outputs_and_implicit_scores_equal_the_matrix(resumed_job):
     assert "stage2/behaviour/factual/win_rate" in keys
     rows = [row for r in runs for row in r["history"] if "analysis/behaviour_samples/nrows" in row]
     assert rows and rows[-1]["analysis/behaviour_samples/nrows"] == 3 * 2 * 3  # stages x objectives x samples shown
+
+
+@pytest.mark.slow
+def test_report_shows_behaviour_beside_preferences(resumed_job, tmp_path):
+    from seqdpo.report import build_report
+    from seqdpo.report.behaviour import disagreement_points
+
+    _, out, matrix, _, _ = resumed_job
+    written = build_report(out.parent, tmp_path / "report", html_too=True)
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "Behaviour (implicit): mean score of the generations" in summary and "Sample generations" in summary
+    figures = [p for p in written["plots"] if p.startswith("behaviour_")]
+    assert len(figures) == 1 and (tmp_path / "report" / figures[0]).exists()
+    assert "data:image/png;base64" in (tmp_path / "report" / "summary.html").read_text()
+    # the scatter's points: accuracy change and score change against the base, per stage >= 1 and objective
+    from seqdpo.report.jobs import load_job
+
+    points = disagreement_points(load_job(out, out.parent))
+    assert len(points) == 2 * 2
+    acc = matrix["metrics"]["accuracy"]
+    p = next(q for q in points if q["stage"] == 2 and q["objective"] == "factual")
+    assert p["accuracy_change"] == pytest.approx(acc[2][1] - acc[0][1])
+    assert p["behaviour_change"] == matrix["behaviour"]["metrics"]["score_delta"][2][1]
+    assert (out / "plots" / "behaviour.png").exists()  # the per-job plot W&B shows
