@@ -199,8 +199,11 @@ def test_report_on_real_tiny_multirun(tmp_path):
     diag = pd.read_csv(out / "diagnostics.csv")
     stage2 = diag[(diag.stage == 2) & (diag.other_trained_before == True)]  # noqa: E712
     assert len(stage2) == 2 and stage2.grad_cosine.between(-1, 1).all()
+    # each cosine with its interval and both objectives' noise floors (split-half self-cosines)
+    assert (stage2.grad_cosine_low <= stage2.grad_cosine).all() and (stage2.grad_cosine <= stage2.grad_cosine_high).all()
+    assert stage2.noise_floor_own.between(-1, 1).all() and stage2.noise_floor_other.between(-1, 1).all()
     assert (diag.movement_effective_norm > 0).all()
     s = (out / "summary.md").read_text()
     assert "| stage | ab: trained |" in s
-    for prefix in ("heatmap_", "quartiles_", "scatter_", "gradcos_"):
+    for prefix in ("heatmap_", "quartiles_", "scatter_", "gradcos_", "gradcos_trace_"):
         assert any(p.name.startswith(prefix) and p.stat().st_size > 10_000 for p in out.glob("*.png")), prefix
