@@ -123,6 +123,25 @@ def plot_tradeoff(table: pd.DataFrame, title: str, path: Path) -> Path | None:
     return _save(fig, title, path)
 
 
+def _options(text) -> dict:
+    return dict(kv.split("=", 1) for kv in (text or "").split(",") if kv)
+
+
+def _setting_label(setting: dict, table: pd.DataFrame) -> str:
+    """The factors (and dataset options) that vary across the table's settings, e.g. `relation=conflicting`."""
+    parts = []
+    for name in SETTING[1:]:
+        if table[name].nunique(dropna=False) < 2:
+            continue
+        if name == "data_options":
+            all_options = [_options(v) for v in table[name].unique()]
+            mine = _options(setting[name])
+            parts += [f"{k}={mine.get(k)}" for k in sorted(mine) if len({str(d.get(k)) for d in all_options}) > 1]
+        else:
+            parts.append(f"{name}={setting[name]}")
+    return ", ".join(parts) or "all jobs"
+
+
 def add_section(doc, jobs: list[Job], out: Path) -> dict:
     """The report's "Mitigations" section and files, when the sweep holds any strategy but sequential."""
     rows = job_rows(jobs)
@@ -136,11 +155,10 @@ def add_section(doc, jobs: list[Job], out: Path) -> dict:
           "(forgetting = learned - final; joint is aligned with the sequential job of the same factors). "
           "Intervals: the paired bootstrap of one job, or across seeds. Definitions: seqdpo/report/mitigations.py.")
     for key, g in table.groupby(list(SETTING), dropna=False, sort=True):
-        setting = ", ".join(f"{k}={v}" for k, v in zip(SETTING, key) if v is not None and k != "dataset" and
-                            table[k].nunique(dropna=False) > 1) or "all jobs"
+        setting = _setting_label(dict(zip(SETTING, key)), table)
         doc.h(3, f"{key[0]}: {setting}")
         cols = ["strategy", "objective", "role", "seeds", "final", "final_low", "final_high", "forgetting", "forgetting_low",
                 "forgetting_high"]
         doc.table(g[cols].sort_values(["role", "strategy"]))
-        doc.img(plot_tradeoff(g, f"{key[0]}\n{setting}", out / f"tradeoff_{slug(f'{key[0]}_{setting}')}.png"), out)
+        doc.img(plot_tradeoff(g, f"{key[0]}: {setting}", out / f"tradeoff_{slug(f'{key[0]}_{setting}')}.png"), out)
     return {"mitigations_csv": str(out / "mitigations.csv")}

@@ -47,7 +47,9 @@ def label(strategy: dict | None) -> str:
     """A strategy setting as the report names it: its name and the keys it reads, e.g. `replay ratio=0.5`."""
     strategy = strategy or {"name": "sequential"}
     name = strategy.get("name", "sequential")
-    keys = [k for k in STRATEGY_KEYS.get(name, ()) if not (k == "fisher_pairs" and strategy.get("penalty") != "ewc")]
+    unread = {"fisher_pairs"} if strategy.get("penalty") != "ewc" else set()
+    unread |= {"density"} if strategy.get("method") == "linear" else set()
+    keys = [k for k in STRATEGY_KEYS.get(name, ()) if k not in unread]
     shown = {k: ("equal" if k == "weights" and strategy[k] is None else strategy[k]) for k in keys if k in strategy}
     return " ".join([name, *(f"{k}={v}" for k, v in shown.items())])
 
