@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import re
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -23,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from seqdpo.config import ConfigError, RunConfig, signature, validate
 from seqdpo.data import DataError
+from seqdpo.jobdir import OutputDirTaken, claim_output_dir
 
 log = logging.getLogger("seqdpo")
 
@@ -75,14 +77,24 @@ def main(cfg: DictConfig) -> dict:
             group = os.path.basename(os.path.normpath(hc.sweep.dir))
         from seqdpo.cluster import export_ddp_env
         from seqdpo.joblog import config_summary, log_result, quiet_libraries
-        from seqdpo.runner import run_job  # heavy imports (torch, trl) only once the config is valid
+        from seqdpo.runner import is_main_process, run_job  # heavy imports (torch, trl) only once the config is valid
 
         export_ddp_env()  # SLURM job with tasks_per_node > 1: one DDP rank per task (conf/hydra/launcher/slurm_ddp.yaml)
+        out = Path(hc.runtime.output_dir)
+        if is_main_process():
+            claim_output_dir(out, run_cfg, signature(run_cfg))  # a refused rerun stops here, before any write
+            _save_hydra_files(out / ".hydra", cfg, hc)
         quiet_libraries()
-        log.info("%s", config_summary(run_cfg, signature(run_cfg), hc.runtime.output_dir))
-        matrix = run_job(run_cfg, hc.runtime.output_dir, group=group)
-        log_result(matrix, hc.runtime.output_dir, time.time() - t0)  # after W&B's footer: the last thing printed
+        log.info("%s", config_summary(run_cfg, signature(run_cfg), str(out)))
+        matrix = run_job(run_cfg, str(out), group=group)
+        log_result(matrix, str(out), time.time() - t0)  # after W&B's footer: the last thing printed
         return matrix
+    except OutputDirTaken as e:
+        # Another config's directory: not a line into its seqdpo.log, which must stay as it was.
+        print(f"seqdpo: {e}", file=sys.stderr, flush=True)
+        if hc.mode == RunMode.RUN:
+            raise SystemExit(1) from None
+        raise
     except (ConfigError, DataError) as e:
         # A user error (config, or data that cannot be read or leaves too few pairs): one paragraph on the
         # console, the traceback only in seqdpo.log.
@@ -93,6 +105,15 @@ def main(cfg: DictConfig) -> dict:
     except Exception as e:
         log.exception("job failed: %s: %s", type(e).__name__, e)  # traceback into seqdpo.log; Hydra prints it on the console
         raise
+
+
+def _save_hydra_files(folder: Path, cfg: DictConfig, hc) -> None:
+    """What Hydra writes into `.hydra/` before the job runs; conf/config.yaml turns that off
+    (hydra.output_subdir: null) so that it happens only once the directory is the job's (claim_output_dir)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    (folder / "hydra.yaml").write_text(OmegaConf.to_yaml({"hydra": hc}))
+    (folder / "overrides.yaml").write_text(OmegaConf.to_yaml(hc.overrides.task))
 
 
 if __name__ == "__main__":

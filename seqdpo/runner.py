@@ -5,7 +5,7 @@
 The job is resumable at two levels, so nothing is lost on a crash or a SLURM requeue: a stage whose
 `stage_<k>/DONE` exists is skipped (its adapter is reloaded), and a stage interrupted midway resumes
 from the newest Trainer checkpoint in `stage_<k>/checkpoints/`. A directory holding another config's
-results is refused rather than mixed (see `_claim_output_dir`). The layout is in docs/DESIGN.md.
+results is refused rather than mixed (see `seqdpo.jobdir`). The layout is in docs/DESIGN.md.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import OmegaConf
 
 from seqdpo import config as C
 from seqdpo.config import RunConfig
+from seqdpo.jobdir import claim_output_dir, clear_job_results
+from seqdpo.resume import latest_intact_checkpoint, read_trained, stage_train_loss, trainer_state_step, write_trained
 
 log = logging.getLogger("seqdpo")
 
@@ -34,25 +35,34 @@ def is_main_process() -> bool:
 
 
 def run_job(cfg: RunConfig, out_dir: str, *, group: str | None = None) -> dict:
+    from seqdpo.jobstatus import JobStatus, read_status, stop_on_sigterm
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sig = C.signature(cfg)
     if is_main_process():
-        _claim_output_dir(out, cfg, sig)
+        claim_output_dir(out, cfg, sig)
     # A rerun of a finished job (every stage DONE) adds nothing its W&B run lacks: it opens none.
-    finished = _read_state(out) == "done" and all(
+    finished = (read_status(out) or {}).get("state") == "done" and all(
         (out / f"stage_{k}" / "DONE").exists() for k in range(len(C.stage_objectives(cfg)) + 1)
     )
-    _write_status(out, "running", stage=None)
+    if is_main_process():
+        clear_job_results(out)
+    status = JobStatus(out, enabled=is_main_process())
+    status.set("running")
+    status.start_heartbeat()
     from seqdpo.tracking import Tracker
 
-    tracker = Tracker(cfg, out, signature=sig, group=group, finished=finished) if is_main_process() else None
+    tracker = None
     try:
-        matrix = _run_stages(cfg, out, tracker)
+        with stop_on_sigterm():
+            tracker = Tracker(cfg, out, signature=sig, group=group, finished=finished) if is_main_process() else None
+            matrix = _run_stages(cfg, out, tracker, status)
     except BaseException as e:  # KeyboardInterrupt and SystemExit too: the status must say the job stopped
-        # A signal (preemption, requeue, Ctrl-C) stops a job that a rerun resumes; an exception is a failure.
+        # A signal (preemption, requeue, Ctrl-C, SIGTERM) stops a job that a rerun resumes; an exception is a failure.
         state = "interrupted" if isinstance(e, (SystemExit, KeyboardInterrupt)) else "failed"
-        _write_status(out, state, stage=None, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc())
+        status.set(state, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc())
+        log.error("job %s at stage %s: %s: %s", state, status.stage, type(e).__name__, e)
         if tracker is not None:
             # A SLURM requeue kills the whole job step, W&B's service process included, while submitit's
             # SystemExit unwinds through here: closing the run can then fail, and that error must not
@@ -65,26 +75,14 @@ def run_job(cfg: RunConfig, out_dir: str, *, group: str | None = None) -> dict:
             tracker = None
         raise
     finally:
+        status.stop_heartbeat()
         if tracker is not None:
             tracker.finish()
-    _write_status(out, "done", stage=len(matrix["stages"]) - 1)
+    status.set("done", stage=len(matrix["stages"]) - 1)
     return matrix
 
 
-def _claim_output_dir(out: Path, cfg: RunConfig, sig: str) -> None:
-    """Writes the config and its signature, or checks that a rerun here is the same job."""
-    sig_file = out / "signature.txt"
-    if sig_file.exists() and sig_file.read_text().strip() != sig:
-        raise RuntimeError(
-            f"{out} holds results of a different config (signature {sig_file.read_text().strip()}, this job {sig}); "
-            f"compare {out / 'config.yaml'} with this job's config, then delete the directory or choose another "
-            "output directory (hydra.run.dir=...)"
-        )
-    sig_file.write_text(sig + "\n")
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-
-
-def _run_stages(cfg: RunConfig, out: Path, tracker) -> dict:
+def _run_stages(cfg: RunConfig, out: Path, tracker, status) -> dict:
     from peft import get_peft_model
     from transformers import set_seed
 
@@ -136,6 +134,7 @@ def _run_stages(cfg: RunConfig, out: Path, tracker) -> dict:
 
     clock = StageClock(stage_names)
     if not (out / "stage_0" / "DONE").exists():
+        status.set("running", stage=0)
         clock.start(0, "evaluating the base model")
         pairs = evaluate(0)
         _finish_stage(out / "stage_0", pairs, behave(0, out / "stage_0"), tracker, 0)
@@ -146,7 +145,7 @@ def _run_stages(cfg: RunConfig, out: Path, tracker) -> dict:
             _load_adapter(peft_model, sd / "adapter")
             log.info("stage %d (%s) finished earlier: adapter reloaded from %s", k, stage.name, sd / "adapter")
             continue
-        _write_status(out, "running", stage=k)
+        status.set("running", stage=k)
         if stage.merge:  # strategy=merge: no training, the stages' adapters combined (by rank 0, which wrote them)
             if is_main_process():
                 clock.start(k, f"merging the adapters of stages {list(stage.merge)}, then evaluating")
@@ -156,13 +155,19 @@ def _run_stages(cfg: RunConfig, out: Path, tracker) -> dict:
                 _finish_stage(sd, pairs, {**stage.info, **behave(k, sd)}, tracker, k)
                 clock.end(k, pairs)
             continue
-        if stage.fresh:  # strategy=merge: every adapter trains from the base
-            _load_adapter(peft_model, out / "adapter_init")
-        train_ds = stage.train
-        clock.start(k, f"training on {len(train_ds)} pairs, then evaluating")
-        if cfg.reference == "previous":  # sDPO: the model as it stands before this stage is the reference
-            train_ds = refs.with_current(train_ds, sd / "train_reference.npz", batch_size=cfg.eval.batch_size)
-        info = _train_stage(cfg, peft_model, tok, train_ds, sd, k, tracker, recorder, stage, label=clock.label(k))
+        info = read_trained(sd)
+        if info is not None:  # stopped after training (in evaluation or generation): evaluate again, do not retrain
+            _load_adapter(peft_model, sd / "adapter")
+            log.info("stage %d (%s) was trained earlier: adapter reloaded from %s, evaluating", k, stage.name, sd / "adapter")
+            clock.start(k, "trained earlier, evaluating")
+        else:
+            if stage.fresh:  # strategy=merge: every adapter trains from the base
+                _load_adapter(peft_model, out / "adapter_init")
+            train_ds = stage.train
+            clock.start(k, f"training on {len(train_ds)} pairs, then evaluating")
+            if cfg.reference == "previous":  # sDPO: the model as it stands before this stage is the reference
+                train_ds = refs.with_current(train_ds, sd / "train_reference.npz", batch_size=cfg.eval.batch_size)
+            info = _train_stage(cfg, peft_model, tok, train_ds, sd, k, tracker, recorder, stage, label=clock.label(k))
         pairs = evaluate(k)
         _finish_stage(sd, pairs, {**stage.info, **info, **behave(k, sd)}, tracker, k)
         clock.end(k, pairs)
@@ -230,16 +235,15 @@ def _finish_stage(sd: Path, pairs: pd.DataFrame, info: dict, tracker, k: int) ->
         tracker.series("eval", "stage", [row])  # eval/<objective>/<metric> over eval/stage
     metrics = {f"eval/{key}": v for key, v in row.items()}
     (sd / "DONE").write_text(json.dumps({"finished": time.time(), **metrics, **info}, indent=1, default=float))
+    # The adapter in stage_<k>/adapter is what later stages resume from; checkpoints are only for
+    # an interrupted stage and are large on real models.
+    shutil.rmtree(sd / "checkpoints", ignore_errors=True)
 
 
 def _train_stage(cfg, peft_model, tok, train_ds, sd: Path, k: int, tracker, recorder, stage, *, label: str) -> dict:
     from seqdpo.strategies.anchor import build_penalty
     from seqdpo.trainer import SeqDPOTrainer, make_dpo_config
 
-    if (sd / "trained.json").exists():  # stopped after training (in evaluation or generation): keep the adapter
-        _load_adapter(peft_model, sd / "adapter")
-        log.info("stage %d was trained earlier: adapter reloaded from %s", k, sd / "adapter")
-        return json.loads((sd / "trained.json").read_text())
     if is_main_process():  # which pairs this stage trains on (replay and joint mix objectives)
         sd.mkdir(parents=True, exist_ok=True)
         stage.pairs.to_parquet(sd / "train_pairs.parquet", index=False)
@@ -253,11 +257,15 @@ def _train_stage(cfg, peft_model, tok, train_ds, sd: Path, k: int, tracker, reco
         trainer.penalty = build_penalty(cfg, trainer, stage.anchor_rows, sd, is_main_process())
     if recorder is not None:
         recorder.on_stage_start(k, trainer)
-    resume = _latest_checkpoint(sd / "checkpoints")
+    resume, torn = latest_intact_checkpoint(sd / "checkpoints", set_aside=is_main_process())
     if resume:
         log.info("stage %d resumes from %s", k, resume)
+    resumed_step = trainer_state_step(resume) if resume else 0
     result = trainer.train(resume_from_checkpoint=resume)
-    info = {"train_loss": result.training_loss, "train_steps": result.global_step, "resumed_from": resume}
+    loss, loss_steps = stage_train_loss(trainer.state.log_history, resumed_step, result.training_loss,
+                                        result.global_step - resumed_step)
+    info = {"train_loss": loss, "train_loss_steps": loss_steps, "train_steps": result.global_step,
+            "resumed_from": resume, "torn_checkpoints": torn}
     if recorder is not None:
         diag = recorder.on_stage_end(k, trainer)
         if is_main_process():
@@ -272,19 +280,10 @@ def _train_stage(cfg, peft_model, tok, train_ds, sd: Path, k: int, tracker, reco
         with open(sd / "train_log.jsonl", "w") as f:
             for row in trainer.state.log_history:
                 f.write(json.dumps(row) + "\n")
-    # The adapter in stage_<k>/adapter is what later stages resume from; checkpoints are only for
-    # an interrupted stage and are large on real models.
-    shutil.rmtree(sd / "checkpoints", ignore_errors=True)
-    if is_main_process():
-        (sd / "trained.json").write_text(json.dumps(info, default=float))
+        # Last: a rerun skips the training of a stage only once all of the above is on disk. The
+        # checkpoints stay until DONE, so a stop before then still resumes rather than retrains.
+        write_trained(sd, info)
     return info
-
-
-def _latest_checkpoint(folder: Path) -> str | None:
-    if not folder.is_dir():
-        return None
-    ckpts = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
-    return str(max(ckpts, key=lambda p: int(p.name.split("-")[1]))) if ckpts else None
 
 
 def _load_adapter(peft_model, folder: Path) -> None:
@@ -373,13 +372,6 @@ def _diagnostics_recorder(cfg: RunConfig, out: Path, eval_tok: dict, train_tok: 
     return recorder
 
 
-def _read_state(out: Path) -> str | None:
-    try:
-        return json.loads((out / "status.json").read_text()).get("state")
-    except (OSError, ValueError):
-        return None
-
-
 def _behaviour_eval(cfg: RunConfig, out: Path, tok, objectives, peft_model, fingerprint: str, tracker):
     if not cfg.eval.generate:
         return None
@@ -388,14 +380,3 @@ def _behaviour_eval(cfg: RunConfig, out: Path, tok, objectives, peft_model, fing
 
     reset_base_generation_counts()
     return BehaviourEval(cfg, out, tok, objectives, peft_model, fingerprint, tracker)
-
-
-def _write_status(out: Path, state: str, *, stage, error: str | None = None, trace: str | None = None) -> None:
-    if not is_main_process():
-        return
-    status = {"state": state, "stage": stage, "error": error, "updated": time.time(), "pid": os.getpid()}
-    if trace:
-        status["traceback"] = trace
-    tmp = out / "status.json.tmp"
-    tmp.write_text(json.dumps(status, indent=1))
-    os.replace(tmp, out / "status.json")

@@ -18,21 +18,33 @@ per directory, when the id was the config hash) would be merged into one W&B run
 listed, and nothing is uploaded, unless `--allow-duplicate-ids`.
 
 Runs whose job is still running (status.json says "running") are left for a later call unless
-`--include-running`, because a partial upload cannot be completed later by the same call.
-Exit status: 0 when nothing was to be done or `wandb sync` succeeded, else `wandb sync`'s status (or 2
-for a bad argument or run ids shared by several job directories).
+`--include-running`, because a partial upload cannot be completed later by the same call. A job whose
+status says running but that is gone (killed without a word: its heartbeat is stale, or its process
+is gone on this host; seqdpo/jobstatus.py) is `lost`: what it logged is uploaded.
+
+Before uploading, the W&B server (`WANDB_BASE_URL` or wandb's settings) must answer within
+`--connect-timeout` seconds; `wandb sync` itself would otherwise wait at "setting up run" for as long as
+the network is down.
+Exit status: 0 when nothing was to be done or `wandb sync` succeeded, 75 when W&B cannot be reached
+(nothing uploaded; try again later), 2 for a bad argument or run ids shared by several job
+directories, else `wandb sync`'s status.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from seqdpo.jobstatus import lost_reason, read_status
+
+UNREACHABLE = 75  # EX_TEMPFAIL: nothing was uploaded, a later call may succeed
 
 
 @dataclass(frozen=True)
@@ -40,16 +52,17 @@ class OfflineRun:
     run_dir: Path  # .../wandb/offline-run-<time>-<id>
     run_id: str
     synced: bool
-    job_state: str | None  # status.json "state" of the job that owns the run (None when there is none)
+    job_state: str | None  # state of the job that owns the run ("lost" included; None when there is no status)
+    lost: str | None = None  # why a job that says it runs is taken as gone
 
 
-def _job_state(run_dir: Path) -> str | None:
-    """State of the seqdpo job owning the run: <job dir>/wandb/offline-run-*/ -> <job dir>/status.json."""
-    status = run_dir.parent.parent / "status.json"
-    try:
-        return json.loads(status.read_text()).get("state")
-    except (OSError, ValueError):
-        return None
+def _job_state(run_dir: Path) -> tuple[str | None, str | None]:
+    """(state, lost reason) of the seqdpo job owning the run: <job dir>/wandb/offline-run-*/ -> <job dir>/status.json."""
+    status = read_status(run_dir.parent.parent)
+    if status is None:
+        return None, None
+    lost = lost_reason(status)
+    return ("lost" if lost else status.get("state")), lost
 
 
 def find_offline_runs(roots: list[Path]) -> list[OfflineRun]:
@@ -65,7 +78,7 @@ def find_offline_runs(roots: list[Path]) -> list[OfflineRun]:
                     continue  # the run never got as far as writing its data file
                 run_id = wandb_files[0][len("run-") : -len(".wandb")]
                 synced = all(f + ".synced" in filenames for f in wandb_files)
-                runs[here.resolve()] = OfflineRun(here, run_id, synced, _job_state(here))
+                runs[here.resolve()] = OfflineRun(here, run_id, synced, *_job_state(here))
             else:
                 # .submitit/ (pickles, logs) and checkpoints/ never hold W&B runs; skip big trees early
                 dirnames[:] = [d for d in dirnames if d not in (".submitit", "checkpoints", "adapter", "adapter_init")]
@@ -86,6 +99,27 @@ def wandb_executable() -> str:
     if found is None:
         raise FileNotFoundError("the `wandb` command is not on PATH nor next to " + sys.executable)
     return found
+
+
+def wandb_base_url() -> str:
+    """The server `wandb sync` would talk to, resolved as wandb itself does (environment, settings files)."""
+    import wandb
+
+    settings = wandb.Settings()
+    settings.update_from_system_settings()
+    settings.update_from_env_vars(dict(os.environ))
+    return settings.base_url
+
+
+def unreachable(url: str, timeout: float) -> str | None:
+    """Why `url` gives no HTTP answer within `timeout` seconds, or None when it answers (any status)."""
+    try:
+        urllib.request.urlopen(url, timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None  # the server answered, with an error page: it is there
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        return str(getattr(e, "reason", e))
+    return None
 
 
 def build_command(runs: list[OfflineRun], *, project: str | None = None, entity: str | None = None,
@@ -110,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--entity", help="override the W&B entity of every uploaded run")
     p.add_argument("--allow-duplicate-ids", action="store_true",
                    help="upload even when one run id is in several job directories (they merge into one W&B run)")
+    p.add_argument("--connect-timeout", type=float, default=20.0, metavar="S",
+                   help="give up when the W&B server does not answer within S seconds (default 20)")
     p.epilog = "Arguments after `--` go to `wandb sync` as they are, e.g. `-- --verbose`."
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
@@ -128,12 +164,13 @@ def main(argv: list[str] | None = None) -> int:
             skipped_running.append(r)
         else:
             todo.append(r)
+    lost = [r for r in todo if r.lost]
     print(f"offline W&B runs found: {len(runs)}; already synced: {len(skipped_synced)}; "
-          f"job still running: {len(skipped_running)}; to upload: {len(todo)}")
+          f"job still running: {len(skipped_running)}; job lost: {len(lost)}; to upload: {len(todo)}")
     for r in skipped_running:
         print(f"  running, left for later: {r.run_dir}")
     for r in todo:
-        print(f"  {r.run_id}: {r.run_dir}")
+        print(f"  {r.run_id}: {r.run_dir}" + (f"  (job lost: {r.lost}; uploading what it logged)" if r.lost else ""))
     if not todo:
         return 0
     shared = shared_ids(todo)
@@ -157,6 +194,14 @@ def main(argv: list[str] | None = None) -> int:
     print("command: " + " ".join(cmd), flush=True)
     if args.dry_run:
         return 0
+    if "--dry-run" not in extra:  # wandb's own dry run needs no server
+        url = wandb_base_url()
+        why = unreachable(url, args.connect_timeout)
+        if why is not None:
+            print(f"seqdpo.sync: cannot reach W&B at {url} ({why}; waited up to {args.connect_timeout:g} s), so "
+                  "nothing was uploaded. Run this where the network reaches it (a login node), check proxy "
+                  "settings and WANDB_BASE_URL, then run the same command again.", file=sys.stderr)
+            return UNREACHABLE
     env = dict(os.environ)
     if env.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):
         # the jobs' WANDB_MODE=offline must not leak into the upload; sync needs the online API

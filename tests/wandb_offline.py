@@ -48,7 +48,8 @@ def _config(out: dict, items) -> None:
 def read_run(run_file: Path) -> dict:
     from wandb.proto import wandb_internal_pb2 as pb
 
-    out = {"history": [], "summary": {}, "config_keys": [], "config": {}, "run_id": None, "tags": [], "group": None}
+    out = {"history": [], "summary": {}, "config_keys": [], "config": {}, "run_id": None, "tags": [], "group": None,
+           "exit_code": None}
     for raw in _records(run_file):
         rec = pb.Record()
         rec.ParseFromString(raw)
@@ -60,6 +61,8 @@ def read_run(run_file: Path) -> dict:
                 out["summary"][it.key or "/".join(it.nested_key)] = json.loads(it.value_json)
         elif kind == "config":
             _config(out, rec.config.update)
+        elif kind == "exit":  # written by run.finish(): the run was closed, not cut off
+            out["exit_code"] = rec.exit.exit_code
         elif kind == "run":  # the config given to wandb.init travels in the run record
             out["run_id"], out["group"], out["tags"] = rec.run.run_id, rec.run.run_group, list(rec.run.tags)
             _config(out, rec.run.config.update)

@@ -10,6 +10,7 @@ from typing import Any
 import pandas as pd
 
 from seqdpo.evaluation import summarize
+from seqdpo.jobstatus import lost_reason, observed_state
 from seqdpo.strategies import label as strategy_label
 
 # data_options: the dataset's builder options (e.g. the synthetic world's relation), so jobs that differ
@@ -36,7 +37,7 @@ class Job:
 
     @property
     def state(self) -> str:
-        return str(self.status.get("state", "unknown"))
+        return observed_state(self.status)  # "lost" for a job that says it runs but is gone
 
 
 def find_job_dirs(root: Path) -> list[Path]:
@@ -130,6 +131,8 @@ def load_job(job_dir: Path, root: Path) -> Job:
     except (OSError, ValueError) as e:
         status = {"state": "unknown"}
         problems.append(f"status.json unreadable: {e}")
+    if lost_reason(status):
+        status = {**status, "error": lost_reason(status)}
     cfg_path = job_dir / "config.yaml"
     if not cfg_path.exists():
         cfg_path = job_dir / ".hydra" / "config.yaml"
