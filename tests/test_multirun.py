@@ -17,7 +17,22 @@ def _sweep(tmp_path, *extra, logger="none"):
            "diagnostics.grad_cosine=false", f"ref_cache_dir={tmp_path / 'refcache'}", f"hydra.sweep.dir={sweep}", *extra]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _check_summary(proc.stdout, sweep, wandb=logger == "wandb")
     return sweep
+
+
+def _check_summary(stdout, sweep, wandb):
+    """The submitting process ends with one line per job (state, duration, directory) and what to run next."""
+    lines = stdout.rstrip().splitlines()
+    jobs = sorted(p.parent.name for p in sweep.glob("*/status.json"))
+    tail = lines[-(len(jobs) + 2 + wandb):]
+    assert tail[0] == f"seqdpo sweep {sweep}: 4 job(s): 4 done", tail
+    assert [line.split()[0] for line in tail[1:5]] == ["done"] * 4
+    assert sorted(line.split()[2] for line in tail[1:5]) == jobs
+    assert all(line.split()[1].count(":") == 2 for line in tail[1:5])  # h:mm:ss
+    assert tail[5] == f"next: python -m seqdpo.report {sweep}"
+    if wandb:
+        assert tail[6].split() == ["python", "-m", "seqdpo.sync", str(sweep), "(upload", "the", "offline", "W&B", "runs)"]
 
 
 def _check_jobs(sweep):

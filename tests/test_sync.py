@@ -1,13 +1,17 @@
 """`python -m seqdpo.sync`: finds a sweep's offline W&B runs, leaves out synced ones and builds one
-`wandb sync` command. Nothing here touches the network: the runs are real offline runs made by wandb
-itself, and the upload step is exercised with a recording stand-in for the `wandb` executable (the
-real one would contact api.wandb.ai)."""
+`wandb sync` command. Nothing here leaves this machine: the runs are real offline runs made by wandb
+itself, the upload step is exercised with a recording stand-in for the `wandb` executable (the real
+one would contact api.wandb.ai), and the W&B server it checks first is a plain HTTP server on loopback."""
 
+import http.server
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -67,7 +71,53 @@ def test_dry_run_prints_command_and_uploads_nothing(sweep, capsys, monkeypatch, 
     assert not marker.exists()
 
 
-def test_upload_runs_one_wandb_sync_over_unsynced_runs(sweep, monkeypatch, tmp_path):
+@pytest.fixture
+def wandb_server(monkeypatch):
+    """WANDB_BASE_URL pointing at an HTTP server on loopback that answers 404 to everything."""
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.server_port}")
+    yield
+    server.shutdown()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # free once closed: nothing listens there
+
+
+def test_unreachable_wandb_gives_up_with_a_message(sweep, monkeypatch, tmp_path, capsys):
+    # The real `wandb sync` would wait at "setting up run" for as long as the server stays away.
+    root, _ = sweep
+    marker = tmp_path / "called"
+    _fake_wandb(monkeypatch, tmp_path, marker, rc=0)
+    url = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("WANDB_BASE_URL", url)
+    assert main([str(root), "--connect-timeout", "5"]) == 75
+    err = capsys.readouterr().err
+    assert f"cannot reach W&B at {url}" in err and "nothing was uploaded" in err
+    assert not marker.exists()
+
+
+def test_lost_jobs_are_uploaded(sweep, capsys):
+    root, jobs = sweep
+    status = jobs["a"] / "status.json"
+    # a job that said it runs, on another host, and went silent an hour ago (its node died)
+    status.write_text(json.dumps({"state": "running", "stage": 1, "pid": 1, "host": "node-gone",
+                                  "heartbeat": time.time() - 3600, "heartbeat_every_s": 30}))
+    try:
+        assert main([str(root), "--dry-run"]) == 0
+        out = capsys.readouterr().out
+        assert "job still running: 0; job lost: 1; to upload: 3" in out
+        assert "seqdpo-aaa" in out.split("command: ")[1]
+        assert "(job lost: no heartbeat for 36" in out and "s (host node-gone, pid 1); uploading what it logged)" in out
+    finally:
+        status.write_text(json.dumps({"state": "done"}))
+
+
+def test_upload_runs_one_wandb_sync_over_unsynced_runs(sweep, monkeypatch, tmp_path, wandb_server):
     root, jobs = sweep
     marker = tmp_path / "called"
     _fake_wandb(monkeypatch, tmp_path, marker, rc=0)
@@ -83,7 +133,7 @@ def test_upload_runs_one_wandb_sync_over_unsynced_runs(sweep, monkeypatch, tmp_p
     assert mode is None  # the jobs' WANDB_MODE=offline must not reach the upload
 
 
-def test_failed_upload_is_reported(sweep, monkeypatch, tmp_path):
+def test_failed_upload_is_reported(sweep, monkeypatch, tmp_path, wandb_server):
     root, _ = sweep
     _fake_wandb(monkeypatch, tmp_path, tmp_path / "called", rc=3)
     assert main([str(root)]) == 3
@@ -92,11 +142,13 @@ def test_failed_upload_is_reported(sweep, monkeypatch, tmp_path):
 def test_running_jobs_are_left_for_later(sweep, monkeypatch, tmp_path, capsys):
     root, jobs = sweep
     status = jobs["a"] / "status.json"
-    status.write_text(json.dumps({"state": "running"}))
+    # on another host, with a fresh heartbeat: running as far as anyone here can tell
+    status.write_text(json.dumps({"state": "running", "pid": 1, "host": "node-x", "heartbeat": time.time(),
+                                  "heartbeat_every_s": 30}))
     try:
         assert main([str(root), "--dry-run"]) == 0
         out = capsys.readouterr().out
-        assert "job still running: 1" in out and "to upload: 2" in out
+        assert "job still running: 1; job lost: 0; to upload: 2" in out
         assert main([str(root), "--dry-run", "--include-running"]) == 0
         assert "to upload: 3" in capsys.readouterr().out
     finally:

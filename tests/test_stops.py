@@ -1,0 +1,244 @@
+"""Every kind of stop, on one job directory, with real `python -m seqdpo` processes and real signals.
+
+The same job is started six times, as a cluster's life would have it:
+  1. SIGKILL while stage 1 trains        -> status stays `running` with pid, host and a fresh heartbeat;
+                                            the report and seqdpo.sync read it as `lost`, sync uploads it
+  2. rerun, SIGKILL once stage 1 trained -> (trained.json, no DONE) the next run does not retrain stage 1
+     but before its DONE
+  3. rerun, SIGTERM while stage 2 trains -> `interrupted` at stage 2, W&B run closed, exit code 143;
+                                            then its newest checkpoint is torn by hand
+  4. rerun to the end                    -> resumes from the newest intact checkpoint with a warning;
+                                            train_loss covers the whole stage
+  5. a rerun with another config         -> refused, the directory byte for byte as it was
+  6. a rerun (as a sweep) that fails     -> `failed` at stage 2; the earlier run's matrix.json and
+     in stage 2                             pairs.parquet are gone, the report shows stages 0-1 only,
+                                            and the sweep ends with its one-line-per-job summary
+"""
+
+import json
+import signal
+import socket
+import subprocess
+
+import numpy as np
+import pytest
+
+from cluster_helpers import explain, job_env, run, seqdpo_cmd, wait_for
+
+pytestmark = pytest.mark.slow
+
+STAGES = [
+    "dataset.n_train=16",
+    "dataset.n_eval=96",       # evaluation long enough to be killed in (between trained.json and DONE)
+    "eval.batch_size=1",
+    "train.max_steps=100",
+    "train.batch_size=2",
+    "train.save_steps=5",
+    "train.logging_steps=5",
+    "lr=5e-3",
+    "diagnostics.grad_cosine=false",
+    "diagnostics.adapter_movement=false",
+    "diagnostics.likelihood=false",
+]
+
+
+def _status(job):
+    return json.loads((job / "status.json").read_text())
+
+
+def _checkpoints(job, k):
+    """Complete-looking checkpoints of stage k, oldest first."""
+    ckpts = [p for p in (job / f"stage_{k}" / "checkpoints").glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    return sorted(ckpts, key=lambda p: int(p.name.split("-")[1]))
+
+
+def _start(cmd, cwd, env):
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _stop(proc, sig):
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    return out
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def stops(tmp_path_factory):
+    """Runs the six starts; returns what each left behind for the tests below."""
+    from seqdpo.jobstatus import observed_state
+    from seqdpo.report.jobs import load_job
+    from seqdpo.sync import find_offline_runs
+
+    root = tmp_path_factory.mktemp("stops")
+    job = root / "job"
+    args = [*STAGES, f"ref_cache_dir={root / 'refcache'}"]
+    # W&B only where a test reads it (the logger is not part of a job's identity; starting it costs time)
+    cmd = seqdpo_cmd(*args, "logger=none", f"hydra.run.dir={job}")
+    cmd_wandb = seqdpo_cmd(*args, "logger=wandb", f"hydra.run.dir={job}")
+    env = job_env(SEQDPO_HEARTBEAT_S="0.2")
+    seen = {}
+
+    # 1. SIGKILL mid-stage 1
+    first = _start(cmd_wandb, root, env)
+    try:
+        wait_for(lambda: _checkpoints(job, 1), timeout=300, what="a stage-1 checkpoint")
+        beat = _status(job)["heartbeat"]
+        wait_for(lambda: _status(job)["heartbeat"] > beat, timeout=60, what="a heartbeat")
+        seen["kill1_status"] = _status(job)
+        _stop(first, signal.SIGKILL)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert not (job / "stage_1" / "trained.json").exists(), "stage 1 ended before the kill; make stages longer"
+    seen["kill1_pid"] = first.pid
+    seen["kill1_after"] = _status(job)
+    seen["kill1_observed"] = observed_state(seen["kill1_after"])
+    seen["kill1_report"] = load_job(job, root)
+    seen["kill1_sync"] = find_offline_runs([job])
+
+    # 2. rerun; SIGKILL after stage 1's training, before its DONE
+    second = _start(cmd, root, env)
+    try:
+        wait_for(lambda: (job / "stage_1" / "trained.json").exists(), timeout=300, interval=0.01, what="stage 1 trained.json")
+        _stop(second, signal.SIGKILL)
+    finally:
+        if second.poll() is None:
+            second.kill()
+    assert not (job / "stage_1" / "DONE").exists(), "stage 1 was evaluated before the kill; make evaluation longer"
+    seen["trained1"] = {f: (job / "stage_1" / f).read_bytes() for f in ("trained.json", "train_log.jsonl")}
+    seen["kill2_log"] = (job / "seqdpo.log").read_text()
+
+    # 3. rerun; SIGTERM while stage 2 trains, once it has two checkpoints
+    third = _start(cmd_wandb, root, env)
+    try:
+        wait_for(lambda: len(_checkpoints(job, 2)) >= 2, timeout=300, what="two stage-2 checkpoints")
+        seen["term_out"] = _stop(third, signal.SIGTERM)
+    finally:
+        if third.poll() is None:
+            third.kill()
+    assert not (job / "stage_2" / "trained.json").exists(), "stage 2 ended before SIGTERM; make stages longer"
+    seen["term_rc"] = third.returncode
+    seen["term_status"] = _status(job)
+    seen["term_wandb"] = sorted((job / "wandb").glob("offline-run-*/run-*.wandb"))
+    seen["term_log"] = (job / "seqdpo.log").read_text()
+    ckpts = sorted((job / "stage_2" / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    newest, seen["intact"] = ckpts[-1], ckpts[-2]
+    (newest / "trainer_state.json").write_text('{"best_global_step": null, "glo')  # torn mid-write
+    seen["torn"] = newest.name
+
+    # 4. rerun to the end
+    fourth = run(cmd, cwd=root, env=env, timeout=600)
+    assert fourth.returncode == 0, explain(fourth)
+    seen["done_log"] = (job / "seqdpo.log").read_text()
+    seen["done_status"] = _status(job)
+    seen["done2"] = json.loads((job / "stage_2" / "DONE").read_text())
+    seen["train_log2"] = [json.loads(line) for line in (job / "stage_2" / "train_log.jsonl").read_text().splitlines()]
+
+    # 5. another config in the same directory: refused, nothing touched
+    before = _snapshot(job)
+    fifth = run(seqdpo_cmd(*args, "logger=none", "beta=0.1", f"hydra.run.dir={job}"), cwd=root, env=env, timeout=600)
+    seen["refused"] = fifth
+    seen["refused_same"] = _snapshot(job) == before
+    seen["done_matrix"] = json.loads((job / "matrix.json").read_text())
+
+    # 6. stage 2 is to be redone (its directory removed) and the rerun, as a one-job sweep, fails in it:
+    # a file stands where the stage's checkpoint folder goes.
+    import shutil
+
+    shutil.rmtree(job / "stage_2")
+    (job / "stage_2").mkdir()
+    (job / "stage_2" / "checkpoints").write_text("not a folder")
+    sweep = seqdpo_cmd(*args, "logger=none", f"hydra.sweep.dir={root}", f"hydra.sweep.subdir={job.name}", multirun=True)
+    seen["failed"] = run(sweep, cwd=root, env=env, timeout=600)
+    seen["failed_report"] = load_job(job, root)
+    return root, job, seen
+
+
+def test_sigkill_leaves_a_lost_job_that_report_and_sync_recognise(stops):
+    root, job, seen = stops
+    during = seen["kill1_status"]
+    assert during["state"] == "running" and during["stage"] == 1
+    assert during["pid"] == seen["kill1_pid"] and during["host"] == socket.gethostname()
+    assert during["heartbeat"] > during["started"]
+    assert seen["kill1_after"]["state"] == "running"  # nobody could write otherwise
+    assert seen["kill1_observed"] == "lost"
+    report_job = seen["kill1_report"]
+    assert report_job.state == "lost" and f"process {seen['kill1_pid']}" in report_job.status["error"]
+    (run_1,) = seen["kill1_sync"]
+    assert run_1.job_state == "lost" and not run_1.synced  # uploaded by sync (see test_sync for the command)
+
+
+def test_a_stage_trained_before_a_kill_is_not_retrained(stops):
+    root, job, seen = stops
+    assert "stage 1 resumes from" in seen["kill2_log"]  # run 2 resumed the mid-stage checkpoint of run 1
+    assert "stage 1 (" in seen["term_log"] and "was trained earlier" in seen["term_log"]
+    for f, content in seen["trained1"].items():
+        assert (job / "stage_1" / f).read_bytes() == content, f
+    done1 = json.loads((job / "stage_1" / "DONE").read_text())
+    assert done1["train_steps"] == 100 and "/stage_1/checkpoints/checkpoint-" in done1["resumed_from"]
+    assert not (job / "stage_1" / "checkpoints").exists()  # removed once DONE
+
+
+def test_sigterm_marks_interrupted_closes_wandb_and_exits_143(stops):
+    from wandb_offline import read_run
+
+    root, job, seen = stops
+    assert seen["term_rc"] == 128 + signal.SIGTERM, seen["term_out"][-3000:]
+    status = seen["term_status"]
+    assert status["state"] == "interrupted" and status["stage"] == 2, status
+    assert "SIGTERM" in status["error"]
+    runs = [read_run(f) for f in seen["term_wandb"]]
+    # run 1 was SIGKILLed: its W&B file ends without an exit record; run 3 closed its run
+    assert [r["exit_code"] is not None for r in runs] == [False, True], [r["exit_code"] for r in runs]
+    assert runs[1]["run_id"] == "seqdpo-" + (job / "signature.txt").read_text().strip()
+
+
+def test_rerun_resumes_from_the_newest_intact_checkpoint(stops):
+    root, job, seen = stops
+    assert seen["done_status"]["state"] == "done"
+    done2 = seen["done2"]
+    assert done2["resumed_from"].endswith("/stage_2/checkpoints/" + seen["intact"].name), done2
+    assert len(done2["torn_checkpoints"]) == 1 and done2["torn_checkpoints"][0].startswith(seen["torn"] + ": ")
+    assert f"checkpoint {job / 'stage_2' / 'checkpoints' / seen['torn']} is torn" in seen["done_log"]
+    assert done2["train_steps"] == 100
+
+
+def test_train_loss_covers_the_whole_stage_after_a_resume(stops):
+    root, job, seen = stops
+    done2 = seen["done2"]
+    logged = [r for r in seen["train_log2"] if "loss" in r]
+    assert [r["step"] for r in logged] == list(range(5, 101, 5))  # every 5 steps, before and after the resume
+    assert done2["train_loss_steps"] == 100
+    assert done2["train_loss"] == pytest.approx(np.mean([r["loss"] for r in logged]), rel=1e-6)
+
+
+def test_refused_rerun_leaves_the_directory_byte_identical(stops):
+    root, job, seen = stops
+    assert seen["refused"].returncode != 0
+    assert "different config" in seen["refused"].stderr + seen["refused"].stdout
+    assert seen["refused_same"]
+
+
+def test_failed_rerun_records_its_stage_and_hides_the_earlier_results(stops):
+    root, job, seen = stops
+    proc = seen["failed"]
+    assert proc.returncode != 0, explain(proc)
+    status = _status(job)
+    assert status["state"] == "failed" and status["stage"] == 2, status
+    assert status["traceback"]
+    for name in ("matrix.json", "pairs.parquet", "diagnostics.json", "plots"):
+        assert not (job / name).exists(), name  # the finished run's, which held a stage-2 row
+    report_job = seen["failed_report"]
+    assert report_job.state == "failed"
+    assert report_job.matrix["stages"] == seen["done_matrix"]["stages"][:2]
+    assert set(report_job.pairs["stage"]) == {0, 1}
+    # the sweep ends with its summary, although its job failed
+    lines = proc.stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith(f"seqdpo sweep {root}: 1 job(s): 1 failed"))
+    assert lines[head + 1].split()[0] == "failed" and lines[head + 1].split()[2] == job.name
+    assert "(stage 2: " in lines[head + 1]
+    assert lines[head + 2] == f"next: python -m seqdpo.report {root}"
