@@ -52,14 +52,29 @@ def _checkpoints(job, k):
     return sorted(ckpts, key=lambda p: int(p.name.split("-")[1]))
 
 
-def _start(cmd, cwd, env):
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _start(cmd, cwd, env, name):
+    # Output into a file, not a pipe: nobody reads a pipe while waiting, and a full one blocks the job.
+    log = cwd / f"{name}.out"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
+    proc.log = log
+    return proc
+
+
+def _wait(proc, predicate, what):
+    """wait_for, failing at once with the job's output if the job ended first."""
+    def check():
+        if proc.poll() is not None:
+            raise AssertionError(f"the job ended (exit {proc.returncode}) before {what}:\n{proc.log.read_text()[-5000:]}")
+        return predicate()
+
+    return wait_for(check, timeout=900, what=what)
 
 
 def _stop(proc, sig):
     proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=120)
-    return out
+    proc.wait(timeout=120)
+    return proc.log.read_text()
 
 
 def _snapshot(folder):
@@ -83,11 +98,11 @@ def stops(tmp_path_factory):
     seen = {}
 
     # 1. SIGKILL mid-stage 1
-    first = _start(cmd_wandb, root, env)
+    first = _start(cmd_wandb, root, env, "run1")
     try:
-        wait_for(lambda: _checkpoints(job, 1), timeout=300, what="a stage-1 checkpoint")
+        _wait(first, lambda: _checkpoints(job, 1), "a stage-1 checkpoint")
         beat = _status(job)["heartbeat"]
-        wait_for(lambda: _status(job)["heartbeat"] > beat, timeout=60, what="a heartbeat")
+        _wait(first, lambda: _status(job)["heartbeat"] > beat, "a heartbeat")
         seen["kill1_status"] = _status(job)
         _stop(first, signal.SIGKILL)
     finally:
@@ -101,9 +116,10 @@ def stops(tmp_path_factory):
     seen["kill1_sync"] = find_offline_runs([job])
 
     # 2. rerun; SIGKILL after stage 1's training, before its DONE
-    second = _start(cmd, root, env)
+    second = _start(cmd, root, env, "run2")
     try:
-        wait_for(lambda: (job / "stage_1" / "trained.json").exists(), timeout=300, interval=0.01, what="stage 1 trained.json")
+        wait_for(lambda: (job / "stage_1" / "trained.json").exists() or second.poll() is not None, timeout=900,
+                 interval=0.01, what="stage 1 trained.json")
         _stop(second, signal.SIGKILL)
     finally:
         if second.poll() is None:
@@ -113,9 +129,9 @@ def stops(tmp_path_factory):
     seen["kill2_log"] = (job / "seqdpo.log").read_text()
 
     # 3. rerun; SIGTERM while stage 2 trains, once it has two checkpoints
-    third = _start(cmd_wandb, root, env)
+    third = _start(cmd_wandb, root, env, "run3")
     try:
-        wait_for(lambda: len(_checkpoints(job, 2)) >= 2, timeout=300, what="two stage-2 checkpoints")
+        _wait(third, lambda: len(_checkpoints(job, 2)) >= 2, "two stage-2 checkpoints")
         seen["term_out"] = _stop(third, signal.SIGTERM)
     finally:
         if third.poll() is None:
@@ -194,7 +210,8 @@ def test_sigterm_marks_interrupted_closes_wandb_and_exits_143(stops):
     runs = [read_run(f) for f in seen["term_wandb"]]
     # run 1 was SIGKILLed: its W&B file ends without an exit record; run 3 closed its run
     assert [r["exit_code"] is not None for r in runs] == [False, True], [r["exit_code"] for r in runs]
-    assert runs[1]["run_id"] == "seqdpo-" + (job / "signature.txt").read_text().strip()
+    assert runs[0]["run_id"] is None or runs[0]["run_id"] == runs[1]["run_id"]  # run 1's may end before its run record
+    assert runs[1]["run_id"] == (job / "wandb_run_id.txt").read_text().strip()
 
 
 def test_rerun_resumes_from_the_newest_intact_checkpoint(stops):
