@@ -186,7 +186,7 @@ def _fake_wandb(monkeypatch, tmp_path, marker, rc):
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
 
 
-def test_a_run_id_in_two_job_directories_is_refused(tmp_path, capsys, monkeypatch):
+def test_a_run_id_in_two_job_directories_is_refused(tmp_path, capsys, monkeypatch, wandb_server):
     """Two jobs that share an id (copied directories, or ids from before they were drawn per directory)
     would merge into one W&B run: nothing is uploaded unless --allow-duplicate-ids."""
     root = tmp_path / "multirun"
