@@ -3,7 +3,8 @@
 Three layouts, one collator (`PairCollator`); all give the same per-pair log-probs, up to the
 rounding of a different summation order (tests/test_logprobs.py checks them against TRL 1.16):
 
-* `shared_prompt` (default): one row; each pair is prompt + chosen + rejected, so the prompt is
+* `shared_prompt` (default): one row (one per pair when all pairs of the batch have the same length,
+  as `pair` does for equal sequences); each pair is prompt + chosen + rejected, so the prompt is
   computed once per pair (P + C + R tokens instead of 2P + C + R). Chosen sees the prompt and
   itself; rejected sees the prompt and itself, never chosen, and its positions continue from the
   prompt's end as if it followed the prompt directly. The mask is block-causal within a pair minus
@@ -165,11 +166,15 @@ class PairCollator:
         out, pad = self._row(ids, positions, comp)
         out["pair_index"] = torch.tensor([pair_index + [b] * pad], dtype=torch.long)
         out["branch"] = torch.tensor([branch + [_PAD] * pad], dtype=torch.long)
+        if len({len(p) + len(c) + len(r) for p, c, r in pairs}) == 1 and not pad:
+            # Pairs of one length: one row each (the same grid positions, so the scores hold), and
+            # attention costs B L^2 instead of (B L)^2 in the dense mask
+            out = {k: v.view(b, -1) for k, v in out.items()}
         return {**out, **_score_tensors(scores)}
 
 
 def attention_mask_4d(pair_index: torch.Tensor, branch: torch.Tensor, attn_implementation: str, dtype: torch.dtype):
-    """[1, 1, T, T] mask of the shared_prompt layout: causal within a pair, rejected never sees chosen.
+    """[rows, 1, T, T] mask of the shared_prompt layout: causal within a pair, rejected never sees chosen.
 
     Boolean (True = attend) for SDPA, additive float for eager attention. Row order is causal order:
     prompt, chosen, rejected, so "key at or before query" already keeps chosen out of the prompt.
@@ -179,12 +184,12 @@ def attention_mask_4d(pair_index: torch.Tensor, branch: torch.Tensor, attn_imple
             f"model.packing=shared_prompt needs an attention implementation that takes a custom mask "
             f"({list(MASKED_ATTENTION)}), not '{attn_implementation}'; use model.packing=pair"
         )
-    q_pair, k_pair = pair_index[0, :, None], pair_index[0, None, :]
-    q_branch, k_branch = branch[0, :, None], branch[0, None, :]
+    q_pair, k_pair = pair_index[:, :, None], pair_index[:, None, :]
+    q_branch, k_branch = branch[:, :, None], branch[:, None, :]
     n = pair_index.shape[1]
     causal = torch.ones(n, n, dtype=torch.bool, device=pair_index.device).tril()
     allowed = causal & (q_pair == k_pair) & ~((q_branch == _REJECTED) & (k_branch == _CHOSEN))
-    allowed = allowed[None, None]
+    allowed = allowed[:, None]
     if attn_implementation == "sdpa":
         return allowed
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)

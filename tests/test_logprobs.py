@@ -190,6 +190,23 @@ def test_float32_layouts_match_trl(setup):
                     np.testing.assert_allclose(ours["rejected_logps"].numpy(), ref_r.numpy(), rtol=0, atol=1e-4)
 
 
+def test_layouts_agree_on_pairs_of_one_length(setup):
+    """Equal lengths take the row-per-pair shortcut in shared_prompt and the rectangle in pair."""
+    trainer, _, _ = setup
+    feats = [
+        {"prompt_ids": f["prompt_ids"][:2], "chosen_ids": f["chosen_ids"][:3], "rejected_ids": f["rejected_ids"][:3]}
+        for f in (trainer.train_dataset[i] for i in range(len(trainer.train_dataset)))
+        if len(f["prompt_ids"]) >= 2 and min(len(f["chosen_ids"]), len(f["rejected_ids"])) >= 3
+    ]
+    assert len(feats) >= 3
+    with torch.no_grad():
+        got = {p: lp.sequence_logps(trainer.model, lp.PairCollator(packing=p)(feats)) for p in PACKINGS}
+    assert got["shared_prompt"]["chosen_logps"].shape == (len(feats),)
+    for p in ("shared_prompt", "pair"):
+        for key in ("chosen_logps", "rejected_logps"):
+            np.testing.assert_allclose(got[p][key].numpy(), got["padded"][key].numpy(), rtol=0, atol=ATOL)
+
+
 def test_pair_layout_never_crosses_sequences_and_passes_reference_columns():
     feats = [
         {"prompt_ids": [5, 6], "chosen_ids": [7], "rejected_ids": [8, 9], "ref_chosen_logps": -1.5, "ref_rejected_logps": -2.5},
@@ -231,6 +248,14 @@ def test_shared_prompt_layout_and_mask():
     assert sees[9] == [9] and sees[11] == [9, 10, 11]  # padding stays among itself
     eager = attention_mask_4d(b["pair_index"], b["branch"], "eager", torch.float32)[0, 0]
     assert torch.equal(eager == 0, m)
+    # pairs of one length: one row each, the same scores
+    same = [{"prompt_ids": [5, 6], "chosen_ids": [7], "rejected_ids": [8, 9]}, {"prompt_ids": [10], "chosen_ids": [11, 12], "rejected_ids": [13, 14]}]
+    r = lp.PairCollator(packing="shared_prompt")(same)
+    assert r["input_ids"].tolist() == [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]]
+    assert r["position_ids"].tolist() == [[0, 1, 2, 2, 3], [0, 1, 2, 1, 2]]
+    assert r["score_pos"].tolist() == [1, 1, 3, 5, 6, 5, 8]
+    m = attention_mask_4d(r["pair_index"], r["branch"], "sdpa", torch.float32)
+    assert m.shape == (2, 1, 5, 5) and m[0, 0, 4].tolist() == [True, True, False, True, True]
     with pytest.raises(ValueError, match="model.packing=pair"):
         attention_mask_4d(b["pair_index"], b["branch"], "flash_attention_2", torch.float32)
     with pytest.raises(ValueError, match="packing 'tree'"):
