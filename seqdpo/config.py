@@ -463,15 +463,17 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
 def signature(cfg: RunConfig) -> str:
     """Identity of the science a job does: same signature = same results, so a rerun may reuse its outputs.
 
-    The logger settings, the cache location and the batch layout (model.packing: the same log-probs,
-    tested) do not change results and are left out, so switching W&B on or off keeps a job's identity.
-    So are the strategy keys the strategy does not read, and the whole strategy when it is `sequential`:
-    jobs from before strategies existed keep theirs.
+    The logger settings and the cache location do not change results and are left out, so
+    switching W&B on or off keeps a job's identity. So are the strategy keys the strategy does not
+    read, and the whole strategy when it is `sequential`, and the batch layout when it is the default
+    (model.packing changes no log-prob, but LoRA dropout draws its masks over the layout's tokens):
+    jobs from before strategies and layouts existed keep theirs.
     """
     d = to_dict(cfg)
     d.pop("logger")
     d.pop("ref_cache_dir")
-    d["model"].pop("packing")
+    if d["model"]["packing"] == ModelConfig.packing:
+        d["model"].pop("packing")
     strategy = d.pop("strategy")
     if strategy["name"] != "sequential":
         d["strategy"] = {k: strategy[k] for k in ("name", *STRATEGY_KEYS.get(strategy["name"], ()))}
