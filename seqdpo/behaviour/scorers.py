@@ -81,8 +81,10 @@ def _response_pairs(prompts, texts):
     from datasets import Dataset
 
     responses = [[{"role": "assistant", "content": t}] for t in texts]
+    # Only the chosen side is read. The rejected must differ from it (tokenize_pairs drops identical pairs).
+    others = [[{"role": "assistant", "content": t + " ."}] for t in texts]
     return Dataset.from_dict(
-        {"pair_id": [f"r{i}" for i in range(len(texts))], "prompt": list(prompts), "chosen": responses, "rejected": responses}
+        {"pair_id": [f"r{i}" for i in range(len(texts))], "prompt": list(prompts), "chosen": responses, "rejected": others}
     )
 
 
@@ -100,7 +102,8 @@ class ImplicitScorer:
         cfg = self.ctx.cfg
         ds = tokenize_pairs(_response_pairs(prompts, texts), self.ctx.tokenizer, cfg.model.max_length)
         if len(ds) != len(texts):
-            raise ValueError(f"implicit scorer: {len(texts) - len(ds)} prompt(s) of {objective} exceed model.max_length")
+            raise ValueError(f"implicit scorer: tokenisation dropped {len(texts) - len(ds)} response(s) of {objective} "
+                             "(prompt at model.max_length or longer)")
         bs = cfg.scorer.batch_size
         policy = dataset_logps(self.ctx.model, ds, bs, desc=f"implicit reward ({objective})", show_progress=False)
         ref = reference_logps(self.ctx.model, ds, fingerprint=self.ctx.fingerprint, cache_dir=self.ctx.cache_dir,
