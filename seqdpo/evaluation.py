@@ -75,11 +75,38 @@ def evaluate_stage(
     `ref_rejected_logps` columns (the base model's, from the reference cache). `packing` is the batch
     layout (`model.packing`).
     """
+
+    def policy(name, ds):
+        return dataset_logps(model, ds, batch_size, desc=f"eval stage {stage} on {name}", packing=packing)
+
+    return _stage_table(eval_sets, policy, stage, stage_objective, beta=beta, tie_tolerance=tie_tolerance)
+
+
+def evaluate_base(eval_sets: dict, *, beta: float, tie_tolerance: float) -> pd.DataFrame:
+    """Stage 0, read from the reference columns instead of a forward pass.
+
+    Before training the policy is the base model (LoRA's B starts at zero), so its log-probs are the
+    reference's. The shared reference cache may hold values another job computed in another batch layout
+    (`model.packing`, `eval.batch_size`), whose rounding (~1e-6) would turn some of stage 0's ties into wins
+    and losses; reading the same numbers makes every base margin exactly 0, and saves a pass.
+    """
+
+    def policy(name, ds):
+        return {
+            "chosen_logps": np.asarray(ds["ref_chosen_logps"], dtype=float),
+            "rejected_logps": np.asarray(ds["ref_rejected_logps"], dtype=float),
+            "chosen_len": np.fromiter(map(len, ds["chosen_ids"]), dtype=np.int64, count=len(ds)),
+            "rejected_len": np.fromiter(map(len, ds["rejected_ids"]), dtype=np.int64, count=len(ds)),
+        }
+
+    return _stage_table(eval_sets, policy, 0, "base", beta=beta, tie_tolerance=tie_tolerance)
+
+
+def _stage_table(eval_sets: dict, policy, stage: int, stage_objective: str, *, beta: float, tie_tolerance: float):
     frames = []
     for name, ds in eval_sets.items():
-        logps = dataset_logps(model, ds, batch_size, desc=f"eval stage {stage} on {name}", packing=packing)
         df = pair_table(
-            logps,
+            policy(name, ds),
             np.asarray(ds["ref_chosen_logps"], dtype=float),
             np.asarray(ds["ref_rejected_logps"], dtype=float),
             list(ds["pair_id"]),

@@ -88,7 +88,7 @@ def _run_stages(cfg: RunConfig, out: Path, tracker, status) -> dict:
 
     from seqdpo.data import build_objectives
     from seqdpo.data.accounting import prepare_pairs
-    from seqdpo.evaluation import evaluate_stage
+    from seqdpo.evaluation import evaluate_base, evaluate_stage
     from seqdpo.joblog import StageClock
     from seqdpo.modeling import check_target_modules, load_model, load_tokenizer, make_lora_config, model_fingerprint
     from seqdpo.refcache import reset_ref_forward_counts
@@ -136,7 +136,7 @@ def _run_stages(cfg: RunConfig, out: Path, tracker, status) -> dict:
     if not (out / "stage_0" / "DONE").exists():
         status.set("running", stage=0)
         clock.start(0, "evaluating the base model")
-        pairs = evaluate(0)
+        pairs = evaluate_base(eval_tok, beta=cfg.beta, tie_tolerance=cfg.eval.tie_tolerance)
         _finish_stage(out / "stage_0", pairs, behave(0, out / "stage_0"), tracker, 0)
         clock.end(0, pairs)
     for k, stage in enumerate(plan, start=1):

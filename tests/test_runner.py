@@ -206,3 +206,18 @@ def test_wandb_offline_run_holds_the_matrix(job):
         assert run["summary"][f"verdict/{v['column']}/stage{v['stage']}/{v['objective']}"] == v["verdict"]
     assert any("stage1/train/loss" in row for row in history)
     assert any("stage2/train/rewards/margins" in row for row in history)
+
+
+def test_stage_0_is_a_tie_whatever_layout_filled_the_reference_cache(tmp_path):
+    """The shared cache serves reference log-probs computed in another job's batch layout; the base model's own
+    margins must still be exactly 0 (chance), not that layout's rounding."""
+    cache = f"ref_cache_dir={tmp_path / 'refcache'}"
+    quick = [*SMALL_JOB, cache, "logger=none", "train.max_steps=1", "diagnostics.grad_cosine=false"]
+    run_job(run_config([*quick, "model.packing=padded", "eval.batch_size=3"]), str(tmp_path / "padded"))
+    matrix = run_job(run_config(quick), str(tmp_path / "shared"))
+    pairs = pd.read_parquet(tmp_path / "shared" / "pairs.parquet").set_index(["objective", "pair_id"])
+    base, trained = pairs[pairs.stage == 0], pairs[pairs.stage == 1]
+    assert (base.margin == 0).all() and (base.accuracy == 0.5).all()
+    assert matrix["metrics"]["accuracy"][0] == [0.5, 0.5]
+    # stage 0's lengths come from the token ids, a trained stage's from the forward pass: the same counts
+    pd.testing.assert_frame_equal(base[["chosen_len", "rejected_len"]], trained.loc[base.index, ["chosen_len", "rejected_len"]])
