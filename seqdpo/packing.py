@@ -10,7 +10,10 @@ rounding of a different summation order (tests/test_logprobs.py checks them agai
   prompt's end as if it followed the prompt directly. The mask is block-causal within a pair minus
   the rejected-to-chosen block; `attention_mask_4d` builds it on the model's device from two
   per-token tensors (`pair_index`, `branch`), so the batch stays O(tokens). The prompt's last
-  position scores both chosen's and rejected's first token.
+  position scores both chosen's and rejected's first token. transformers 5.23 passes a 4D mask
+  through as it is (SDPA: boolean, eager: additive); it would also take a flex-attention BlockMask,
+  which could skip the blocks between pairs on a GPU, but that path is not built (no GPU to test it
+  on, and flex attention on CPU needs torch.compile).
 * `pair`: one row; the 2B sequences prompt + chosen, prompt + rejected (chosen 0..B-1, then
   rejected 0..B-1: TRL's order) concatenated with per-sequence `position_ids`; transformers derives
   the block-causal mask from the position resets (`masking_utils.find_packed_sequence_indices`).
