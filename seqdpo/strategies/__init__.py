@@ -100,8 +100,9 @@ def plan_stages(cfg: RunConfig, stage_objs: list[str], stage_sets: list[Dataset]
     if s.name == "merge":
         for p in plans[1:]:
             p.fresh = True
-        weights = list(s.weights) if s.weights is not None else [1.0 / len(plans)] * len(plans)
-        info = {"method": s.method, "weights": weights, **({"density": s.density} if s.method != "linear" else {})}
+        from seqdpo.strategies.merge import merge_weights
+
+        info = {"method": s.method, "weights": merge_weights(s, len(plans)), **({"density": s.density} if s.method != "linear" else {})}
         plans.append(StagePlan(MERGED, None, merge=tuple(range(1, len(plans) + 1)), info=info))
     return plans
 

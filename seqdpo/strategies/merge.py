@@ -27,13 +27,17 @@ DEFAULT = "default"
 MERGED = "seqdpo_merged"
 
 
+def merge_weights(strategy: StrategyConfig, n_adapters: int) -> list[float]:
+    return list(strategy.weights) if strategy.weights is not None else [1.0 / n_adapters] * n_adapters
+
+
 def merge_into_default(peft_model, adapter_dirs: list[Path], strategy: StrategyConfig, seed: int) -> None:
     from peft.tuners.lora import LoraLayer
 
     names = [f"seqdpo_single_{i}" for i in range(1, len(adapter_dirs) + 1)]
     for name, folder in zip(names, adapter_dirs):
         peft_model.load_adapter(str(folder), adapter_name=name)
-    weights = list(strategy.weights) if strategy.weights is not None else [1.0 / len(names)] * len(names)
+    weights = merge_weights(strategy, len(names))
     density = None if strategy.method == "linear" else strategy.density
     with torch.random.fork_rng(devices=[]):  # DARE draws from the global RNG: seeded here, restored after
         torch.manual_seed(seed)
