@@ -96,6 +96,10 @@ def test_joint_is_one_stage_on_the_union(tmp_path):
     assert plan.pairs.objective.value_counts().to_dict() == {"polite": 8, "factual": 6}
     (plan,) = plan_stages(run_config(["strategy=joint", "train.max_steps=5"]), objs, sets, tmp_path, write=True)
     assert plan.max_steps == 10  # as many steps as the two sequential stages
+    # an objective in two stages (no partition) trains once in the union; the repeats are counted
+    cfg = run_config(["strategy=joint", "order.stages=[a,b,a]"])
+    (plan,) = plan_stages(cfg, ["polite", "factual", "polite"], [sets[0], sets[1], sets[0]], tmp_path, write=True)
+    assert len(plan.train) == 14 and plan.info["repeated_pairs_dropped"] == 8
 
 
 def test_merge_trains_fresh_adapters_then_a_merged_row(tmp_path):

@@ -19,6 +19,7 @@ Every trained stage records the pairs it trained on in stage_<k>/train_pairs.par
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +31,7 @@ from seqdpo.config import STRATEGY_KEYS, RunConfig
 if TYPE_CHECKING:  # the report imports this module for its names; datasets is heavy
     from datasets import Dataset
 
+log = logging.getLogger("seqdpo")
 JOINT = "joint"
 MERGED = "merged"
 
@@ -87,7 +89,10 @@ def plan_stages(cfg: RunConfig, stage_objs: list[str], stage_sets: list[Dataset]
         if not keep.all():
             union, pairs = union.select(keep.nonzero()[0]), pairs[keep].reset_index(drop=True)
         steps = cfg.train.max_steps * len(stage_sets) if cfg.train.max_steps > 0 else None
-        return [StagePlan(JOINT, union, pairs, max_steps=steps, info={"objectives": list(dict.fromkeys(stage_objs))})]
+        info = {"objectives": list(dict.fromkeys(stage_objs)), "repeated_pairs_dropped": int((~keep).sum())}
+        if info["repeated_pairs_dropped"]:
+            log.info("joint: %d pairs of objectives ordered in several stages train once", info["repeated_pairs_dropped"])
+        return [StagePlan(JOINT, union, pairs, max_steps=steps, info=info)]
     if s.name == "replay":
         from seqdpo.strategies.replay import replay_stages
 
