@@ -114,6 +114,7 @@ def test_llama31_8b_shape_trains_and_evaluates_on_cpu(tmp_path, record_property)
     assert model.config.vocab_size == VOCAB and model.dtype == torch.bfloat16
     per_layer = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336 + 2 * 4096
     assert sum(p.numel() for p in model.parameters()) == 2 * VOCAB * 4096 + LAYERS * per_layer + 4096
+    torch.manual_seed(cfg.seed)  # LoRA A's init: the same adapter, and the same rounding, on every run
     peft_model = get_peft_model(model, make_lora_config(cfg.lora))
     # r=32 on the seven projections: 83,886,080 trainable parameters over 32 layers, the paper's count
     assert sum(p.numel() for p in peft_model.parameters() if p.requires_grad) == 83_886_080 // 32 * LAYERS
@@ -145,15 +146,15 @@ def test_llama31_8b_shape_trains_and_evaluates_on_cpu(tmp_path, record_property)
     assert (pairs.chosen_len.to_numpy() == np.asarray([len(c) for c in tds["chosen_ids"]])).all()
     assert pairs.margin.abs().max() > 0
 
-    # The three layouts on the trained adapter, sums of 4-9 tokens at ~12 nats each: bf16 rounding along
-    # different paths moved them by at most 0.1 nat when this test was written, a shared_prompt mask
-    # that let rejected see chosen by 1.2-2.7 nats.
+    # The three layouts on the trained adapter, within bf16 rounding: each layout rounds its hidden
+    # states along its own matmul shapes; up to 0.44 nat on a 28-nat sum (1.6%) was seen. That the masks
+    # are right is checked exactly, in float64 and float32, by tests/test_logprobs.py.
     got = _layouts(peft_model, [tds[i] for i in range(len(tds))])
     for packing in ("pair", "shared_prompt"):
         for key in ("chosen_logps", "rejected_logps"):
-            np.testing.assert_allclose(got[packing][key], got["padded"][key], rtol=0, atol=0.5)
+            np.testing.assert_allclose(got[packing][key], got["padded"][key], rtol=0.02, atol=0.25, err_msg=packing)
         assert (got[packing]["chosen_len"] == got["padded"]["chosen_len"]).all()
-    np.testing.assert_allclose(pairs.policy_chosen_logps.to_numpy(), got["padded"]["chosen_logps"], rtol=0, atol=0.5)
+    np.testing.assert_allclose(pairs.policy_chosen_logps.to_numpy(), got["padded"]["chosen_logps"], rtol=0.02, atol=0.25)
 
     peak = _peak_rss_gib()
     record_property("peak_rss_gib", round(peak, 2))
