@@ -62,7 +62,8 @@ def run_job(cfg: RunConfig, out_dir: str, *, group: str | None = None) -> dict:
         # A signal (preemption, requeue, Ctrl-C, SIGTERM) stops a job that a rerun resumes; an exception is a failure.
         state = "interrupted" if isinstance(e, (SystemExit, KeyboardInterrupt)) else "failed"
         status.set(state, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc())
-        log.error("job %s at stage %s: %s: %s", state, status.stage, type(e).__name__, e)
+        # The error itself is reported once, by whoever catches it (seqdpo.app: one paragraph or a traceback).
+        log.info("job %s at stage %s (status.json)", state, status.stage)
         if tracker is not None:
             # A SLURM requeue kills the whole job step, W&B's service process included, while submitit's
             # SystemExit unwinds through here: closing the run can then fail, and that error must not

@@ -50,6 +50,9 @@ def job_env(**extra: str) -> dict:
         OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="1", PYTHONUNBUFFERED="1",
     )
     # `python -m seqdpo` from a temporary directory must import this checkout, whatever is installed
+    # An in-process W&B run earlier in this pytest process exports WANDB_SERVICE; a child that inherits it
+    # attaches to that process's W&B service, which refuses a run id it saw before ("run ID is in use").
+    env.pop("WANDB_SERVICE", None)
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.update(extra)
     return env

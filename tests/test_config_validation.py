@@ -3,6 +3,7 @@
 import pytest
 
 from conftest import run_config
+from test_config import BAD_CONFIGS
 from seqdpo.config import ConfigError, _schema_keys
 
 # (override, key named by the error, words of the message). One row per key that a type cannot guard.
@@ -102,7 +103,7 @@ def test_the_defaults_and_builder_options_pass():
 def test_every_numeric_and_name_key_has_a_bad_value_row():
     """A new key with a range or a list of names must get a row in BAD_VALUES."""
     free = {  # keys whose every typed value is valid, or that only the dataset builders can judge
-        "model", "dataset", "order", "lora", "loss", "logger", "train", "eval", "diagnostics", "model.tiny",
+        "model", "dataset", "order", "lora", "loss", "logger", "strategy", "train", "eval", "diagnostics", "model.tiny",
         "model.revision", "model.tiny.init_seed", "dataset.name", "dataset.path", "dataset.revision",
         "dataset.options", "order.name", "order.stages", "logger.project",
         "logger.entity", "logger.group", "logger.tags", "train.gradient_checkpointing", "train.bf16",
@@ -111,6 +112,6 @@ def test_every_numeric_and_name_key_has_a_bad_value_row():
         "scorer", "scorer.revision", "scorer.base_model",
     }
     loss_keys = {k for k in _schema_keys(run_config()) if k.startswith("loss.")}  # tests/test_losses.py
-    tested = {row[1] for row in BAD_VALUES}
+    tested = {row[1] for row in BAD_VALUES} | {row[1] for row in BAD_CONFIGS}
     assert set(_schema_keys(run_config())) - free - loss_keys - tested == set()
 

@@ -12,7 +12,7 @@ from seqdpo.tracking import Tracker
 
 @pytest.mark.slow
 def test_each_job_directory_has_its_own_run_id(tmp_path):
-    from wandb_offline import read_run
+    from wandb_offline import read_closed_run
 
     cfg = run_config([*SMALL_JOB, "logger=wandb"])
     for name, x in (("a", 1.0), ("b", 2.0), ("a", 3.0)):  # a twice: a requeued or resumed job
@@ -20,7 +20,7 @@ def test_each_job_directory_has_its_own_run_id(tmp_path):
         tracker = Tracker(cfg, tmp_path / name, signature=signature(cfg), group="g")
         tracker.series("eval", "stage", [{"stage": 0, "polite/accuracy": x}])
         tracker.finish()
-    runs = {name: [read_run(f) for f in sorted((tmp_path / name / "wandb").glob("offline-run-*/run-*.wandb"))]
+    runs = {name: [read_closed_run(f) for f in sorted((tmp_path / name / "wandb").glob("offline-run-*/run-*.wandb"))]
             for name in ("a", "b")}
     id_a, id_b = ((tmp_path / n / "wandb_run_id.txt").read_text().strip() for n in ("a", "b"))
     assert id_a != id_b and id_a.startswith(f"seqdpo-{signature(cfg)}-") and id_b.startswith(f"seqdpo-{signature(cfg)}-")

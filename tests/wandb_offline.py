@@ -45,6 +45,17 @@ def _config(out: dict, items) -> None:
         out["config"][it.key] = json.loads(it.value_json)
 
 
+def read_closed_run(run_file: Path, timeout_s: float = 30.0) -> dict:
+    """`read_run` of a run this process closed: W&B's service may still be writing the file after
+    `run.finish()` returns (seen once in a full suite, where one service had served many runs)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while (out := read_run(run_file))["exit_code"] is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return out
+
+
 def read_run(run_file: Path) -> dict:
     from wandb.proto import wandb_internal_pb2 as pb
 
