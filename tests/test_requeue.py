@@ -71,17 +71,20 @@ def test_killed_job_resumes(reference_run, tmp_path):
     # No hydra.run.dir: the output directory follows from the overrides, so the rerun finds it.
     cmd = seqdpo_cmd(*LONG, "logger=wandb")
     env = job_env()
-    first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Output into a file: nothing reads a pipe while the job runs, and a full pipe would block the job.
+    console = tmp_path / "first.log"
+    with open(console, "w") as f:
+        first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
     try:
         job_dir = wait_for(lambda: next((p.parent for p in (tmp_path / "outputs" / "runs").glob("*/signature.txt")), None),
                            timeout=300, what="the job directory")
         ckpt = wait_for(lambda: _checkpoint_of_stage(job_dir, 2), timeout=600, what="a stage-2 checkpoint")
         first.send_signal(signal.SIGTERM)
-        out, _ = first.communicate(timeout=60)
+        first.wait(timeout=60)
     finally:
         if first.poll() is None:
             first.kill()
-    assert first.returncode != 0, out[-3000:]
+    assert first.returncode != 0, console.read_text()[-3000:]
     assert not (job_dir / "stage_2" / "DONE").exists(), "the job finished before it was interrupted; make stages longer"
     assert (job_dir / "stage_1" / "DONE").exists()
     stage1_done = (job_dir / "stage_1" / "DONE").read_text()
