@@ -60,6 +60,10 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.sweep = Path(str(config.hydra.sweep.dir)).absolute()
+        # Imported now, not in the exit hook: at interpreter exit pandas (under seqdpo.report) can no longer
+        # register its own atexit hooks, and a failed sweep's summary died with that import.
+        import seqdpo.report.jobs  # noqa: F401
+
         atexit.register(self._print)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

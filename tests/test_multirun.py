@@ -72,3 +72,15 @@ def test_multirun_submitit_local(tmp_path):
     sweep = _sweep(tmp_path, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=15")
     _check_jobs(sweep)
     assert list((sweep / ".submitit").glob("*/*_result.pkl"))
+
+
+def test_a_failed_submitit_sweep_still_ends_with_its_summary(tmp_path):
+    """The submitting process re-raises the job's error and prints the summary at exit; it used to die there
+    importing pandas ("can't register atexit after shutdown"), as no job had run in that process."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "seqdpo", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
+           "model.max_length=8", "logger=none", *SMALL_JOB, f"hydra.sweep.dir={sweep}"]  # every prompt too long
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "can't register atexit" not in out, out[-3000:]
+    assert f"seqdpo sweep {sweep}: 1 job(s): 1 failed" in proc.stdout, out[-3000:]
