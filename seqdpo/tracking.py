@@ -70,13 +70,23 @@ class Tracker:
         with open(self.path, "a") as f:
             f.write(json.dumps({"time": time.time(), **data}, default=float) + "\n")
         if self.run is not None:
-            self.run.log(data)
+            self._to_wandb(self.run.log, data)
 
     def summary(self, data: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps({"time": time.time(), "summary": data}, default=float) + "\n")
         if self.run is not None:
-            self.run.summary.update(data)
+            self._to_wandb(self.run.summary.update, data)
+
+    def _to_wandb(self, send, data: dict) -> None:
+        """A SLURM preemption's SIGTERM reaches W&B's service process too, while the job itself (submitit
+        ignores TERM) trains on until its requeue signal: a lost service must not fail the job, whose
+        metrics.jsonl keeps everything."""
+        try:
+            send(data)
+        except (ConnectionError, OSError) as e:
+            log.warning("W&B stopped answering (%r): this job logs to %s only from here", e, self.path)
+            self.run = None
 
     def series(self, prefix: str, axis: str, rows: list[dict]) -> None:
         """Rows of a W&B series: every `prefix/...` key is plotted against `prefix/axis` instead of W&B's

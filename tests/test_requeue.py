@@ -114,8 +114,9 @@ def test_slurm_preemption_requeue(slurm_cluster, reference_run, tmp_path):
         # what submitit's SlurmJob._interrupt() does for a preemption: SIGTERM (ignored by submitit's
         # handler), then its preemption signal USR2 -> checkpoint() + `scontrol requeue` + exit
         subprocess.run(["scancel", "--signal=TERM", job_id], check=True)
-        # slurmd delivers each signal to every process of the step, asynchronously: a TERM still on its way
-        # when USR2's handler has spawned `scontrol requeue` kills that child (seen once in CI-like runs)
+        # As in a real preemption, the TERM lands everywhere before the requeue signal: it stops W&B's service
+        # process while the job (submitit ignores TERM) trains on, and a TERM still on its way when USR2's
+        # handler has spawned `scontrol requeue` would kill that child. The job must ride out both.
         time.sleep(2)
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
         assert not (job_dir / "stage_2" / "DONE").exists(), "the job finished before it was interrupted"
