@@ -23,31 +23,28 @@ import json
 import logging
 import os
 import random
-import threading
 from pathlib import Path
 
 import pandas as pd
 import torch
 
+from seqdpo.cachecounts import CacheCounts
 from seqdpo.config import GenerationSettings
 
 log = logging.getLogger("seqdpo")
 FORMAT_VERSION = 1
 COLUMNS = ["objective", "prompt_id", "sample", "text", "n_tokens", "finish_reason"]
 
-_lock = threading.Lock()
-_counts = {"computed": 0, "cached": 0}
+_counts = CacheCounts()
 
 
 def base_generation_counts() -> dict[str, int]:
     """Base-model generation tables this process generated, and tables served from the cache."""
-    with _lock:
-        return dict(_counts)
+    return _counts.snapshot()
 
 
 def reset_base_generation_counts() -> None:
-    with _lock:
-        _counts.update(computed=0, cached=0)
+    _counts.reset()
 
 
 def choose_prompts(eval_split, k: int, seed: int) -> list[tuple[str, list[dict]]]:
@@ -234,8 +231,7 @@ def base_generations(model, tok, prompts: dict, settings: GenerationSettings, *,
     if path.exists():
         try:
             df = pd.read_parquet(path)
-            with _lock:
-                _counts["cached"] += 1
+            _counts.add("cached")
             return df
         except (OSError, ValueError) as e:  # a truncated file is a miss
             log.warning("generation cache: unreadable %s (%r), generating again", path, e)
@@ -243,6 +239,5 @@ def base_generations(model, tok, prompts: dict, settings: GenerationSettings, *,
     with ctx:
         df = generate_objectives(model, tok, prompts, settings, seed=seed, parts_dir=parts_dir, backend=backend)
     write_parquet(path, df)
-    with _lock:
-        _counts["computed"] += 1
+    _counts.add("computed")
     return df
