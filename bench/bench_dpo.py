@@ -9,6 +9,8 @@ runs, on the same pairs in the same order (sequential sampler for every mode):
                  rejected packed padding-free, LM head on scored positions only) and the base
                  reference log-probs precomputed by seqdpo.refcache (pass timed separately)
   seqdpo_shared  the same with model.packing=shared_prompt (each pair's prompt computed once)
+  seqdpo_chunked seqdpo with TRL's chunked LM-head kernel on the CPU too (what an accelerator runs; on
+                 the CPU, seqdpo before its own CPU LM head); not in the default modes
   eval, eval_shared  one stage x objective evaluation pass (seqdpo.logprobs.dataset_logps, adapter
                  on) in the pair and the shared_prompt layout
 
@@ -18,9 +20,9 @@ Figures: mean step time over the steps after `--warmup`, pairs/s, real (unpadded
 (6N FLOPs per real token with a live reference forward, 4N without: the reference script's
 convention), peak memory, the token positions each mode actually runs through the decoder per step
 (`computed_tokens`; TRL: padding included, live reference twice), and the ratios of the seqdpo modes
-to trl, trl_pre and (seqdpo_shared) seqdpo. With `--repeats N` every mode runs N times, interleaved,
-and the summary rows hold medians (ratios: the median of each repeat's own ratio). Prints a table,
-writes JSON.
+to trl, trl_pre and the earlier seqdpo modes of the repeat. With `--repeats N` every mode runs N
+times, interleaved, and the summary rows hold medians (ratios: the median of each repeat's own
+ratio). Prints a table, writes JSON.
 
   GPU: python bench/bench_dpo.py --shape 8b --out bench.json
   CPU: python bench/bench_dpo.py --shape small --steps 6 --out bench_cpu.json
@@ -294,8 +296,9 @@ def unload(peft_model):
 # ---------------------------------------------------------------------------------------------- main
 
 
-SEQDPO_PACKING = {"seqdpo": "pair", "seqdpo_shared": "shared_prompt", "eval": "pair", "eval_shared": "shared_prompt"}
-BASELINES = ("trl", "trl_pre", "seqdpo")  # what the later modes of a repeat are compared with
+SEQDPO_PACKING = {"seqdpo_chunked": "pair", "seqdpo": "pair", "seqdpo_shared": "shared_prompt", "eval": "pair",
+                  "eval_shared": "shared_prompt"}
+BASELINES = ("trl", "trl_pre", "seqdpo_chunked", "seqdpo")  # what the later modes of a repeat are compared with
 
 
 def summarise(mode, lendist, times, bs, tok_lens, comp_tokens, args, n_params, live_ref, extra=None):
@@ -329,9 +332,15 @@ def run_mode(mode, model, tok, ds, tds, tok_lens, lendist, args, n_params):
         comp = computed_tokens(tds, args.bs, "padded", args.max_length)
         return summarise(mode, lendist, times, args.bs, tok_lens, comp, args, n_params, mode == "trl", extra), pm
     packing = SEQDPO_PACKING[mode]
-    if mode in ("seqdpo", "seqdpo_shared"):
-        times, ref_s, pm, bs = run_seqdpo(model, tok, tds, args, packing)
-        diff, scale = vs_padded(pm, tds, args.device, packing)
+    if mode in ("seqdpo_chunked", "seqdpo", "seqdpo_shared"):
+        from seqdpo import logprobs
+
+        logprobs.CHUNKED_LM_HEAD_ON_CPU = mode == "seqdpo_chunked"
+        try:
+            times, ref_s, pm, bs = run_seqdpo(model, tok, tds, args, packing)
+            diff, scale = vs_padded(pm, tds, args.device, packing)
+        finally:
+            logprobs.CHUNKED_LM_HEAD_ON_CPU = False
         extra = {"packing": packing, "ref_pass_s": round(ref_s, 2), "ref_pairs_per_s": round(len(tds) / ref_s, 2),
                  "vs_padded_max_abs": diff, "mean_abs_logp": round(scale, 2)}
         comp = computed_tokens(tds, bs, packing, args.max_length)
@@ -472,8 +481,8 @@ def _strip_lora(model):
 
 def print_table(results):
     cols = ["lendist", "mode", "repeat", "bs_pairs", "mean_step_s", "pairs_per_s", "tokens_per_s",
-            "computed_tokens_per_step", "mfu", "peak_mem_gib", "ref_pass_s", "x_trl", "x_trl_pre", "x_seqdpo",
-            "computed_vs_trl", "x_eval", "error"]
+            "computed_tokens_per_step", "mfu", "peak_mem_gib", "ref_pass_s", "x_trl", "x_trl_pre", "x_seqdpo_chunked",
+            "x_seqdpo", "computed_vs_trl", "x_eval", "error"]
     print("\n| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in results:

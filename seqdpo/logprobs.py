@@ -12,9 +12,10 @@ Contract (docs/DESIGN.md, "Log-prob contract"):
   `shared_prompt` (each pair's prompt computed once, the default), `pair` (prompt + chosen and
   prompt + rejected packed padding-free) or `padded` (TRL's layout); all give the same log-probs.
 * `sequence_logps(model, batch)` runs the decoder for hidden states and projects through the LM head
-  only the positions whose next token is a completion token, in vocabulary tiles
+  only the positions whose next token is a completion token. On an accelerator in vocabulary tiles
   (`trl.kernels.ChunkedLogProbFunction`, the kernel TRL's own `fused_lm_head` uses): no
-  `[tokens x vocab]` logits are materialised, in the forward or the backward.
+  `[tokens x vocab]` logits are materialised, in the forward or the backward. On the CPU in tiles of
+  tokens whose fp32 logits are held for the backward (see `_token_logps`).
 * `dataset_logps(model, ds, batch_size, desc)` is the no-grad pass over a dataset in length-sorted
   batches, returned in dataset row order.
 """
@@ -26,12 +27,16 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from seqdpo.packing import DEFAULT_PACKING, PairCollator, attention_mask_4d, pair_num_tokens
 
 __all__ = ["PairCollator", "dataset_logps", "sequence_logps", "tokenize_pairs"]
 
 _VOCAB_CHUNK = 32768  # vocabulary tile of the LM-head kernel (TRL's default)
+_CPU_TILE_ELEMENTS = 2**26  # logits per token tile on the CPU: 256 MiB of fp32, 523 tokens of a 128k vocabulary
+# TRL's chunked kernel on the CPU too: what an accelerator runs (tests/test_llama8b_shape.py sets it)
+CHUNKED_LM_HEAD_ON_CPU = False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -159,27 +164,27 @@ def _token_logps(causal_lm, hidden: torch.Tensor, targets: torch.Tensor) -> torc
 
     head = causal_lm.get_output_embeddings()
     cfg = causal_lm.config.get_text_config() if hasattr(causal_lm.config, "get_text_config") else causal_lm.config
-    if isinstance(head, torch.nn.Linear):
-        hidden = hidden.to(head.weight.device)
+    softcap, scale = getattr(cfg, "final_logit_softcapping", None), _logit_scale(causal_lm.config)
+    if isinstance(head, torch.nn.Linear) and (head.weight.device.type != "cpu" or CHUNKED_LM_HEAD_ON_CPU):
         logps, *_ = ChunkedLogProbFunction.apply(
-            hidden,
-            head.weight,
-            head.bias,
-            targets.to(head.weight.device),
-            1.0,
-            _VOCAB_CHUNK,
-            getattr(cfg, "final_logit_softcapping", None),
-            _logit_scale(causal_lm.config),
-            (),
+            hidden.to(head.weight.device), head.weight, head.bias, targets.to(head.weight.device),
+            1.0, _VOCAB_CHUNK, softcap, scale, (),
         )
         return logps
-    # An LM head that is not a plain Linear (e.g. wrapped by an adapter): tile over tokens instead, so the
-    # fp32 logits held for backward never exceed one tile
+    # On the CPU TRL's kernel runs its torch fallback, which recomputes each logits tile in the backward
+    # and makes about fifteen passes over it: 2.2x the time of this on the bench's small shape, where the
+    # LM head is a third of a training step. Memory is the cheaper resource there, so each tile of tokens
+    # keeps its fp32 log-softmax for the backward (tokens x vocab x 4 bytes for the whole batch).
+    # This path also serves an LM head that is not a plain Linear (e.g. wrapped by an adapter).
     out = []
-    for start in range(0, hidden.size(0), 1024):
-        logits = head(hidden[start : start + 1024]).float() * _logit_scale(causal_lm.config)
-        tgt = targets[start : start + 1024].unsqueeze(-1)
-        out.append((logits.gather(-1, tgt) - torch.logsumexp(logits, -1, keepdim=True)).squeeze(-1))
+    step = max(1, _CPU_TILE_ELEMENTS // cfg.vocab_size)
+    for start in range(0, hidden.size(0), step):
+        logits = head(hidden[start : start + step]).float()
+        if scale != 1.0:
+            logits = logits * scale
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        out.append(-F.cross_entropy(logits, targets[start : start + step], reduction="none"))
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 

@@ -42,35 +42,28 @@ import hashlib
 import json
 import logging
 import os
-import threading
 import uuid
 from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 1  # bump when the log-prob computation changes in a way that changes values
+from seqdpo.cachecounts import CacheCounts
+
+FORMAT_VERSION = 2  # bump when the log-prob computation changes values (2: the CPU LM head, rounding-level)
 DEFAULT_CACHE_DIR = os.path.join("outputs", ".refcache")
 _KEYS = ("chosen_logps", "rejected_logps", "chosen_len", "rejected_len")
 
 log = logging.getLogger(__name__)
-_lock = threading.Lock()
-_counts = {"computed": 0, "cached": 0}
+_counts = CacheCounts()
 
 
 def ref_forward_counts() -> dict[str, int]:
     """Pairs whose reference log-probs this process computed, and pairs served from the cache."""
-    with _lock:
-        return dict(_counts)
+    return _counts.snapshot()
 
 
 def reset_ref_forward_counts() -> None:
-    with _lock:
-        _counts.update(computed=0, cached=0)
-
-
-def _count(kind: str, n: int) -> None:
-    with _lock:
-        _counts[kind] += n
+    _counts.reset()
 
 
 def row_digests(tokenized_ds) -> np.ndarray:
@@ -192,14 +185,14 @@ def reference_logps(
     if entry is not None:
         values = _reorder(entry, digests)
         if values is not None:
-            _count("cached", len(digests))
+            _counts.add("cached", len(digests))
             return values
         log.warning("reference cache entry %s does not hold this data's rows: recomputing it", path)
 
     ctx = model.disable_adapter() if hasattr(model, "disable_adapter") and hasattr(model, "peft_config") else None
     with ctx if ctx is not None else contextlib.nullcontext():
         values = dataset_logps(model, tokenized_ds, batch_size, desc, max_tokens=max_tokens, packing=packing or DEFAULT_PACKING)
-    _count("computed", len(digests))
+    _counts.add("computed", len(digests))
     meta = {
         "format": FORMAT_VERSION,
         "fingerprint": fingerprint,

@@ -1,6 +1,6 @@
 """The fast log-prob path (every batch layout, LM head on scored positions only) against TRL 1.16's code.
 
-The model runs in float64 on CPU; the LM-head kernel (TRL's and ours, the same one) accumulates in
+The model runs in float64 on CPU; the LM head (TRL's kernel, and seqdpo's CPU path) accumulates in
 float32, so sums of ~100 nats agree to float32 rounding of the summation order: checked to 1e-5 abs.
 One test repeats the comparison with the model in float32.
 """
@@ -143,10 +143,11 @@ def test_trained_adapter_and_gradients_match_trl(setup, packing):
         c, r = out.log_probs.sum(1).chunk(2)
         ((c - 0.7 * r) * weights).sum().backward()
         for a, p in zip(g_ours, trainable):
-            # shared_prompt sums the two float32 LM-head gradients of the prompt's last position in one
-            # hidden state, where TRL has two copies of it: equal to float32 rounding of the largest entry
-            atol = 1e-6 * float(p.grad.abs().max()) if packing == "shared_prompt" else 1e-10
-            torch.testing.assert_close(a, p.grad, rtol=1e-7, atol=atol)
+            # The LM head's logits gradient is float32 in both, but made in another order (TRL's kernel
+            # recomputes the logits, seqdpo's CPU path keeps them; shared_prompt also sums the two
+            # gradients of the prompt's last position in one hidden state): equal to float32 rounding
+            # of the largest entry
+            torch.testing.assert_close(a, p.grad, rtol=1e-7, atol=1e-6 * float(p.grad.abs().max()))
         model.zero_grad()
     finally:
         model.set_adapter("default")
@@ -260,3 +261,40 @@ def test_shared_prompt_layout_and_mask():
         attention_mask_4d(b["pair_index"], b["branch"], "flash_attention_2", torch.float32)
     with pytest.raises(ValueError, match="packing 'tree'"):
         lp.PairCollator(packing="tree")
+
+
+@pytest.mark.parametrize("scaling", [{}, {"final_logit_softcapping": 3.0}, {"logit_scale": 0.5}])
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_cpu_lm_head_matches_trl_kernel(scaling, wrapped):
+    """The CPU LM head (token tiles, logits held for the backward) gives TRL's kernel's log-probs and
+    hidden-state gradients, with the logit scalings TRL applies, for a plain Linear head and a wrapped
+    one (which used to ignore softcapping)."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    model, _ = load_model_and_tokenizer(ModelConfig(name="tiny"))
+    for key, value in scaling.items():
+        setattr(model.config, key, value)
+    head = model.get_output_embeddings()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=g))  # logits of ~10: softcap 3 bites
+    n = 1500  # more than one token tile of lp._CPU_TILE_ELEMENTS below
+    hidden = torch.randn(n, head.in_features, generator=g)
+    targets = torch.randint(0, head.out_features, (n,), generator=g)
+    grad_out = torch.randn(n, generator=g)
+
+    h_trl = hidden.clone().requires_grad_()
+    want, *_ = ChunkedLogProbFunction.apply(
+        h_trl, head.weight, None, targets, 1.0, 256, scaling.get("final_logit_softcapping"),
+        scaling.get("logit_scale", 1.0), (),
+    )
+    want.backward(grad_out)
+    if wrapped:
+        model.set_output_embeddings(torch.nn.Sequential(head))
+    h_ours = hidden.clone().requires_grad_()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lp, "_CPU_TILE_ELEMENTS", 512 * head.out_features)
+        got = lp._token_logps(model, h_ours, targets)
+    got.backward(grad_out)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(h_ours.grad, h_trl.grad, rtol=1e-5, atol=1e-6 * float(h_trl.grad.abs().max()))
