@@ -121,7 +121,8 @@ def _run_stages(cfg: RunConfig, out: Path, tracker, status) -> dict:
     eval_tok = {n: refs.with_base(ds, batch_size=cfg.eval.batch_size) for n, ds in eval_tok.items()}
     plan = plan_stages(cfg, stage_objs, _stage_train_sets(cfg, stage_objs, train_tok, refs), out, write=is_main_process())
     stage_names = ["base", *(stage.name for stage in plan)]
-    recorder = _diagnostics_recorder(cfg, out, eval_tok, train_tok, refs, stage_names[1:])
+    recorder = _diagnostics_recorder(cfg, out, eval_tok, train_tok, refs, stage_names[1:],
+                                     frozenset(k for k, stage in enumerate(plan, start=1) if stage.fresh))
     behaviour = _behaviour_eval(cfg, out, tok, objectives, peft_model, fingerprint, tracker)
 
     def behave(stage: int, sd: Path) -> dict:  # generation and scoring, written before the stage's DONE
@@ -355,7 +356,7 @@ def _stage_train_sets(cfg: RunConfig, stage_objs: list[str], train_tok: dict, re
 
 
 def _diagnostics_recorder(cfg: RunConfig, out: Path, eval_tok: dict, train_tok: dict, refs: _ReferenceSource,
-                          stage_names: list[str]):
+                          stage_names: list[str], fresh_stages: frozenset[int]):
     d = cfg.diagnostics
     if not (d.grad_cosine or d.adapter_movement or d.likelihood):
         return None
@@ -370,6 +371,7 @@ def _diagnostics_recorder(cfg: RunConfig, out: Path, eval_tok: dict, train_tok: 
         }
     recorder = DiagnosticsRecorder(cfg, out, eval_tok, probes)
     recorder.stage_objectives = stage_names  # the strategy's rows (joint: one stage; merge: a merged row)
+    recorder.fresh_stages = fresh_stages
     return recorder
 
 

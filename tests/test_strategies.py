@@ -198,6 +198,25 @@ def test_every_strategy_writes_every_output(jobs, case):
 
 
 @pytest.mark.slow
+def test_merge_measures_every_stage_from_the_initial_adapter(jobs):
+    """strategy=merge trains each stage from adapter_init: stage 2's movement, and its cosine with stage 1's,
+    are measured from there (stage 2's start used to overwrite the adapter after stage 1: stage 1's
+    movement read as zero and the cosine as NaN)."""
+    from seqdpo.analysis import movement as M
+
+    cfg, out, _ = jobs["merge"]
+    init, s1, s2 = (M.load_adapter_state(str(p)) for p in (out / "adapter_init", out / "stage_1" / "adapter", out / "stage_2" / "adapter"))
+    scaling = cfg.lora.effective_alpha() / cfg.lora.r
+    diag = json.loads((out / "stage_2" / "diagnostics.json").read_text())
+    got = diag["movement_cosine"]["stage_1"]
+    assert all(got[k] is not None and np.isfinite(got[k]) for k in ("effective_cosine", "raw_cosine")), got  # NaN is saved as null
+    want = M.movement_cosine(init, s1, s2, scaling, s2_start=init)
+    assert got["effective_cosine"] == pytest.approx(want["effective_cosine"], rel=1e-6)
+    assert got["raw_cosine"] == pytest.approx(want["raw_cosine"], rel=1e-6)
+    assert diag["movement"]["effective_norm"] == pytest.approx(M.movement(init, s2, scaling)["effective_norm"], rel=1e-6)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["joint", "replay", "merge", "anchor_ewc"])  # sequential: tests/test_requeue.py
 def test_an_interrupted_job_resumes_to_the_same_pairs(jobs, case, tmp_path_factory, cache, monkeypatch):
     """Stopped (KeyboardInterrupt, as a signal handler raises) at the 5th optimizer step, i.e. inside the last

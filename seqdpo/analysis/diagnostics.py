@@ -117,6 +117,9 @@ class DiagnosticsRecorder:
         self.grad_probes = {name: [ds[i] for i in range(min(n, len(ds)))] for name, ds in grad_sets.items()}
         self.scaling = float(cfg.lora.effective_alpha()) / float(cfg.lora.r)
         self._states: dict[int, dict[str, torch.Tensor]] = {}
+        # Stages that train from the initial adapter rather than the previous stage's (strategy=merge);
+        # set by the runner from the strategy's plan
+        self.fresh_stages: frozenset[int] = frozenset()
         self._start_grads: dict[str, dict[str, torch.Tensor]] = {}
         self._trace: list[dict[str, Any]] = []
         self._callback = None
@@ -183,7 +186,7 @@ class DiagnosticsRecorder:
         self._stage = stage
         self._trace = []
         self._stage_result = {"stage": stage, "objective": self.stage_objectives[stage - 1]}
-        self._states[stage - 1] = M.state_from_model(trainer.model)
+        self._states[0 if stage in self.fresh_stages else stage - 1] = M.state_from_model(trainer.model)
         if self.dcfg.grad_cosine:
             cosines, gram, grads, sizes = self._probe(trainer, 0, per_group=True)
             self._start_grads = {n: GP.mean_gradient(grads[n], sizes[n]) for n in grads}
@@ -196,6 +199,10 @@ class DiagnosticsRecorder:
             if int(self.dcfg.grad_cosine_points) > 1:
                 self._callback = _grad_cosine_callback(self, trainer, int(self.dcfg.grad_cosine_points))
                 trainer.add_callback(self._callback)
+
+    def _state_before(self, k: int) -> dict[str, torch.Tensor] | None:
+        """Adapter stage k started from."""
+        return self._state_after(0 if k in self.fresh_stages else k - 1)
 
     def _state_after(self, k: int) -> dict[str, torch.Tensor] | None:
         """Adapter after stage k (k = 0: before any training), from memory or from disk (resumed jobs)."""
@@ -219,15 +226,15 @@ class DiagnosticsRecorder:
                 {**p, "progress": stage - 1 + (p["step"] / total if total > 0 else 0.0)} for p in self._saved_trace(stage)
             ]
         end = M.state_from_model(trainer.model)
-        start = self._state_after(stage - 1)
+        start = self._state_before(stage)
         self._states[stage] = end
         if self.dcfg.adapter_movement and start is not None:
             res["movement"] = M.movement(start, end, self.scaling)
             res["movement_cosine"] = {}
             for k in range(1, stage):
-                s0, s1 = self._state_after(k - 1), self._state_after(k)
+                s0, s1 = self._state_before(k), self._state_after(k)
                 if s0 is not None and s1 is not None:
-                    res["movement_cosine"][f"stage_{k}"] = M.movement_cosine(s0, s1, end, self.scaling)
+                    res["movement_cosine"][f"stage_{k}"] = M.movement_cosine(s0, s1, end, self.scaling, start)
         if self._start_grads and start is not None:
             delta = M.delta_state(start, end)
             res["update_alignment"] = {n: G.update_alignment(delta, g) for n, g in self._start_grads.items()}

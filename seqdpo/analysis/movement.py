@@ -123,21 +123,25 @@ def movement_cosine(
     s1: dict[str, torch.Tensor],
     s2: dict[str, torch.Tensor],
     scaling: float | dict[str, float],
+    s2_start: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Cosine between the movements s0 -> s1 (an earlier stage) and s1 -> s2 (a later one), raw and effective."""
+    """Cosine between the movements s0 -> s1 (an earlier stage) and s2_start -> s2 (a later one), raw and
+    effective. s2_start defaults to s1: the later stage continued from the earlier one's adapter (under
+    strategy=merge every stage starts from the initial adapter instead)."""
     m0, m1, m2 = modules(s0), modules(s1), modules(s2)
+    m2_start = m1 if s2_start is None else modules(s2_start)
     dot = n1 = n2 = 0.0
     edot = en1 = en2 = 0.0
     per_type: dict[str, list[float]] = {}
     for m in m0:
         for i in range(2):
             d1 = (m1[m][i] - m0[m][i]).double().flatten()
-            d2 = (m2[m][i] - m1[m][i]).double().flatten()
+            d2 = (m2[m][i] - m2_start[m][i]).double().flatten()
             dot += float(d1 @ d2)
             n1 += float(d1 @ d1)
             n2 += float(d2 @ d2)
         s = _scaling(scaling, m)
-        e1, e2 = _delta_lowrank(m0, m1, m, s), _delta_lowrank(m1, m2, m, s)
+        e1, e2 = _delta_lowrank(m0, m1, m, s), _delta_lowrank(m2_start, m2, m, s)
         x, a, b = _lr_inner(e1, e2), _lr_inner(e1, e1), _lr_inner(e2, e2)
         edot, en1, en2 = edot + x, en1 + a, en2 + b
         t = module_type_of(m + ".lora_A")
