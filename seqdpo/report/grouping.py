@@ -14,20 +14,29 @@ def slug(s: str) -> str:
     return out if len(out) <= 120 else out[:100] + "-" + hashlib.sha256(s.encode()).hexdigest()[:10]
 
 
-def setting_label(key: tuple, jobs: list[Job]) -> str:
-    """The setting of a group of jobs, naming only the factors (and dataset options) that vary across `jobs`."""
+def _options(text) -> dict:
+    return dict(kv.split("=", 1) for kv in (text or "").split(",") if kv)
+
+
+def varying_label(setting: dict, seen: dict[str, set]) -> str:
+    """`setting` (factor -> value) named by the factors, and dataset options, that take several values in
+    `seen` (factor -> the values it takes across the jobs compared)."""
     parts = []
-    for name, value in zip(SETTING, key):
-        values = {j.factors[name] for j in jobs}
-        if len(values) < 2:
+    for name, value in setting.items():
+        if len(seen[name]) < 2:
             continue
         if name == "data_options":
-            split = [dict(kv.split("=", 1) for kv in (v or "").split(",") if kv) for v in values]
-            mine = dict(kv.split("=", 1) for kv in (value or "").split(",") if kv)
+            split = [_options(v) for v in seen[name]]
+            mine = _options(value)
             parts += [f"{k}={mine.get(k)}" for k in sorted(mine) if len({d.get(k) for d in split}) > 1]
         else:
             parts.append(f"{name}={value}")
     return ", ".join(parts) or "all jobs"
+
+
+def setting_label(key: tuple, jobs: list[Job]) -> str:
+    """The setting of a group of jobs, naming only the factors (and dataset options) that vary across `jobs`."""
+    return varying_label(dict(zip(SETTING, key)), {name: {j.factors[name] for j in jobs} for name in SETTING})
 
 
 def job_label(job: Job, group: list[Job]) -> str:

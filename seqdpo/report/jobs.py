@@ -131,8 +131,9 @@ def load_job(job_dir: Path, root: Path) -> Job:
     except (OSError, ValueError) as e:
         status = {"state": "unknown"}
         problems.append(f"status.json unreadable: {e}")
-    if lost_reason(status):
-        status = {**status, "error": lost_reason(status)}
+    lost = lost_reason(status)
+    if lost:
+        status = {**status, "error": lost}
     cfg_path = job_dir / "config.yaml"
     if not cfg_path.exists():
         cfg_path = job_dir / ".hydra" / "config.yaml"

@@ -24,7 +24,7 @@ import pandas as pd
 
 from seqdpo.analysis.intervals import seed_interval
 from seqdpo.analysis.transfer import training_stages
-from seqdpo.report.grouping import slug
+from seqdpo.report.grouping import slug, varying_label
 from seqdpo.report.jobs import FACTORS, Job, stage_names
 
 ALIGN = tuple(f for f in FACTORS if f != "strategy")  # a joint job's sequential partner matches on these
@@ -123,25 +123,6 @@ def plot_tradeoff(table: pd.DataFrame, title: str, path: Path) -> Path | None:
     return _save(fig, title, path)
 
 
-def _options(text) -> dict:
-    return dict(kv.split("=", 1) for kv in (text or "").split(",") if kv)
-
-
-def _setting_label(setting: dict, table: pd.DataFrame) -> str:
-    """The factors (and dataset options) that vary across the table's settings, e.g. `relation=conflicting`."""
-    parts = []
-    for name in SETTING[1:]:
-        if table[name].nunique(dropna=False) < 2:
-            continue
-        if name == "data_options":
-            all_options = [_options(v) for v in table[name].unique()]
-            mine = _options(setting[name])
-            parts += [f"{k}={mine.get(k)}" for k in sorted(mine) if len({str(d.get(k)) for d in all_options}) > 1]
-        else:
-            parts.append(f"{name}={setting[name]}")
-    return ", ".join(parts) or "all jobs"
-
-
 def add_section(doc, jobs: list[Job], out: Path) -> dict:
     """The report's "Mitigations" section and files, when the sweep holds any strategy but sequential."""
     rows = job_rows(jobs)
@@ -155,7 +136,9 @@ def add_section(doc, jobs: list[Job], out: Path) -> dict:
           "(forgetting = learned - final; joint is aligned with the sequential job of the same factors). "
           "Intervals: the paired bootstrap of one job, or across seeds. Definitions: seqdpo/report/mitigations.py.")
     for key, g in table.groupby(list(SETTING), dropna=False, sort=True):
-        setting = _setting_label(dict(zip(SETTING, key)), table)
+        # the dataset is in the heading already
+        setting = varying_label({k: v for k, v in zip(SETTING, key) if k != "dataset"},
+                                {k: set(table[k].unique()) for k in SETTING})
         doc.h(3, f"{key[0]}: {setting}")
         cols = ["strategy", "objective", "role", "seeds", "final", "final_low", "final_high", "forgetting", "forgetting_low",
                 "forgetting_high"]
