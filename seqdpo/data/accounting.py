@@ -14,7 +14,8 @@ objective x split:
 
     built + builder drops == kept + every drop + unused
 
-(for every builder but helpsteer2 the left side is the rows read; a helpsteer2 pair is two rows).
+(for every builder but helpsteer2 the left side is the rows read; for helpsteer2 it is its
+`same_prompt_pairs`, every two responses to one prompt).
 Each objective gets one log line. More than `dataset.warn_fraction` of a split's pairs dropped or
 truncated by `model.max_length` is a warning; fewer than `dataset.min_pairs` pairs kept is a DataError
 naming the objective, the split and `model.max_length`.
