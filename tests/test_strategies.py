@@ -40,9 +40,15 @@ def test_signature_holds_only_the_keys_a_strategy_reads():
 # --- plans (no model) ---------------------------------------------------------------------------------
 
 
+def _set(name, k, swapped=0):
+    """k pairs of prompt i with responses [i] over [i + 100]; the first `swapped` pairs prefer the other way round."""
+    return Dataset.from_dict({"pair_id": [f"{name}-{i}" for i in range(k)], "prompt_ids": [[i] for i in range(k)],
+                              "chosen_ids": [[i + 100 * (i < swapped)] for i in range(k)],
+                              "rejected_ids": [[i + 100 * (i >= swapped)] for i in range(k)]})
+
+
 def _sets(sizes=(8, 8), names=("polite", "factual")):
-    return list(names), [Dataset.from_dict({"pair_id": [f"{n}-{i}" for i in range(k)], "x": list(range(k))})
-                         for n, k in zip(names, sizes)]
+    return list(names), [_set(n, k) for n, k in zip(names, sizes)]
 
 
 @pytest.mark.parametrize("ratio,expected", [(0.25, 2), (0.5, 4), (2.0, 8)])
@@ -60,6 +66,7 @@ def test_replay_draws_the_ratio_once_and_trains_on_the_record(tmp_path, ratio, e
     assert sorted(stage2.pairs[stage2.pairs.objective == "polite"].pair_id) == sorted(record.pair_id)
     assert (stage2.pairs.objective == "factual").sum() == 8
     assert stage2.info == {"replayed": expected, "replay_requested": int(round(ratio * 8)), "replay_capped": int(round(ratio * 8)) - expected}
+    assert stage2.max_steps == 1  # match_steps: sequential's 8 pairs at batch 8, whatever was replayed
     # a rerun trains on the recorded pairs, not on a new draw
     record = record.iloc[1:]
     record.to_parquet(tmp_path / "replay.parquet", index=False)
@@ -84,12 +91,36 @@ def test_replay_pool_is_every_earlier_stage_and_the_draw_follows_the_seed(tmp_pa
     assert not first.equals(draw(cfg, own))
 
 
+@pytest.mark.parametrize("n,batch,accum,epochs", [(8, 8, 1, 1.0), (9, 4, 1, 1.0), (12, 4, 2, 1.0), (10, 4, 1, 2.5), (3, 8, 4, 1.0)])
+def test_optimizer_steps_is_what_the_trainer_runs(n, batch, accum, epochs):
+    """The count match_steps and joint plan with, against transformers' own count for the same dataloader."""
+    from transformers import Trainer, TrainingArguments
+
+    from seqdpo.strategies import optimizer_steps
+
+    cfg = run_config([f"train.batch_size={batch}", f"train.grad_accum={accum}", f"train.epochs={epochs}"])
+    args = TrainingArguments(output_dir="unused", per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
+                             num_train_epochs=epochs, use_cpu=True, report_to="none")
+    trainer = Trainer(model=torch.nn.Linear(1, 1), args=args, train_dataset=[{"x": i} for i in range(n)])
+    expected = trainer.set_initial_training_values(args, trainer.get_train_dataloader())[6]  # its max_steps
+    assert optimizer_steps(cfg, n) == expected
+
+
+def test_replay_without_match_steps_passes_over_every_pair(tmp_path):
+    from seqdpo.strategies import plan_stages
+
+    cfg = run_config(["strategy=replay", "strategy.ratio=1.0", "strategy.match_steps=false"])
+    objs, sets = _sets((8, 8))
+    assert plan_stages(cfg, objs, sets, tmp_path, write=True)[1].max_steps is None  # 16 pairs: 2 steps, sequential's 1
+
+
 def test_joint_is_one_stage_on_the_union(tmp_path):
     from seqdpo.strategies import plan_stages
 
     objs, sets = _sets((8, 6))
     (plan,) = plan_stages(run_config(["strategy=joint"]), objs, sets, tmp_path, write=True)
-    assert plan.name == "joint" and len(plan.train) == 14 and plan.max_steps is None
+    assert plan.name == "joint" and len(plan.train) == 14 and plan.max_steps == 2  # sequential: 1 step a stage at batch 8
+    assert plan.info["contradictory_pairs"] == 0
     from seqdpo.strategies import row_names
 
     assert row_names("joint", objs) == ["joint"] and row_names("replay", objs) == objs
@@ -102,6 +133,17 @@ def test_joint_is_one_stage_on_the_union(tmp_path):
     assert len(plan.train) == 14 and plan.info["repeated_pairs_dropped"] == 8
 
 
+def test_joint_counts_and_warns_about_contradictory_pairs(tmp_path, caplog):
+    """The conflicting world at strength 1: B's pairs are A's with chosen and rejected swapped."""
+    from seqdpo.strategies import plan_stages
+
+    sets = [_set("polite", 8), _set("factual", 8, swapped=3)]  # prompts 0-2: factual prefers what polite rejects
+    with caplog.at_level("WARNING", logger="seqdpo"):
+        (plan,) = plan_stages(run_config(["strategy=joint"]), ["polite", "factual"], sets, tmp_path, write=True)
+    assert plan.info["contradictory_pairs"] == 6  # both members of each of the 3 swapped twins
+    assert "6 of the 16 pairs in the union have a twin with chosen and rejected swapped" in caplog.text
+
+
 def test_merge_trains_fresh_adapters_then_a_merged_row(tmp_path):
     from seqdpo.strategies import plan_stages, row_names
 
@@ -109,29 +151,102 @@ def test_merge_trains_fresh_adapters_then_a_merged_row(tmp_path):
     plans = plan_stages(run_config(["strategy=merge", "strategy.method=ties"]), objs, sets, tmp_path, write=True)
     assert [p.name for p in plans] == ["polite", "factual", "merged"]
     assert [p.fresh for p in plans] == [False, True, False] and plans[2].train is None and plans[2].merge == (1, 2)
-    assert plans[2].info == {"method": "ties", "weights": [0.5, 0.5], "density": 0.5}
+    assert plans[2].info == {"method": "ties", "weights": [1.0, 1.0], "density": 0.5}  # ties averages by itself
     assert [p.name for p in plans] == ["polite", "factual", "merged"] == row_names("merge", objs)
 
 
-def test_l2_anchor_is_the_squared_change_of_the_effective_update():
+def _lora_net():
     from peft import LoraConfig, get_peft_model
-    from peft.tuners.lora import LoraLayer
-
-    from seqdpo.strategies.anchor import L2Anchor
 
     torch.manual_seed(0)
-    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 4)),
-                           LoraConfig(r=2, lora_alpha=6, target_modules=["0", "1"], init_lora_weights=False))
-    penalty = L2Anchor(model, strength=3.0)
-    assert abs(float(penalty())) < 1e-9
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    before = [m.get_delta_weight("default").detach().clone() for m in layers]
+    return get_peft_model(torch.nn.Sequential(torch.nn.Linear(12, 10), torch.nn.Linear(10, 8)),
+                          LoraConfig(r=2, lora_alpha=6, target_modules=["0", "1"]))
+
+
+def _trained_from(model, init: dict, seed: int, scale=0.1):
+    """The adapter moved at random from `init`, as a stage trained from it; its weight change per module."""
+    from peft.tuners.lora import LoraLayer
+
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in model.parameters():
+        for n, p in model.named_parameters():
             if p.requires_grad:
-                p.add_(0.1 * torch.randn_like(p))
-    dense = sum(float(((m.get_delta_weight("default") - b) ** 2).sum()) for m, b in zip(layers, before))
-    assert float(penalty()) == pytest.approx(3.0 * dense, rel=1e-4)
+                p.copy_(init[n] + scale * torch.randn(p.shape, generator=gen))
+    return {n: m.get_delta_weight("default").detach().clone() for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def _merged(tmp_path, weights=None, method="linear", density=0.5, same=False):
+    """(merge record, the merged weight change per module, the singles' weight changes) of two adapters."""
+    from peft.tuners.lora import LoraLayer
+
+    from seqdpo.config import StrategyConfig
+    from seqdpo.strategies.merge import merge_into_default
+
+    model = _lora_net()
+    model.save_pretrained(tmp_path / "init")
+    init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    deltas = []
+    for i in (1, 2):
+        deltas.append(_trained_from(model, init, seed=1 if same else i))
+        model.save_pretrained(tmp_path / f"stage_{i}")
+    strategy = StrategyConfig(name="merge", method=method, weights=weights, density=density)
+    record = merge_into_default(model, [tmp_path / "stage_1", tmp_path / "stage_2"], tmp_path / "init", strategy, seed=0)
+    merged = {n: m.get_delta_weight("default").detach() for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    return record, merged, deltas
+
+
+def _close(a: dict, b: dict):
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-6 * float(b[n].abs().max()))
+
+
+@pytest.mark.parametrize("weights,expected", [(None, 0.5), ([0.5, 0.5], 0.5), ([1.0, 1.0], 1.0)])
+def test_linear_merge_is_the_weighted_sum_of_the_weight_changes(tmp_path, weights, expected):
+    """Equal weights (null) are the average of the two dW_i, (1, 1) their sum, exactly at rank 2 + 2."""
+    record, merged, (d1, d2) = _merged(tmp_path, weights)
+    _close(merged, {n: expected * (d1[n] + d2[n]) for n in d1})
+    assert record["rank"] == 4 and record["reconstruction_error"] < 1e-6
+
+
+def test_ties_on_two_identical_adapters_returns_that_adapter(tmp_path):
+    record, merged, (d1, d2) = _merged(tmp_path, method="ties", density=1.0, same=True)
+    _close(d1, d2)
+    _close(merged, d1)
+    assert record["rank"] == 4 and record["reconstruction_error"] < 1e-6
+
+
+def test_ties_trims_the_weight_changes_and_records_what_rank_4_loses(tmp_path):
+    """At density 0.5 TIES keeps the larger half of each dW_i's entries: a dense matrix of full rank, stored
+    at rank 4; the record is the relative Frobenius error of that truncation, computed here independently."""
+    record, merged, (d1, _) = _merged(tmp_path, method="ties", density=0.5, same=True)
+    err, size = 0.0, 0.0
+    for n, d in d1.items():
+        keep = d.abs() >= d.abs().flatten().topk(int(0.5 * d.numel())).values[-1]
+        trimmed = d * keep
+        U, S, Vh = torch.linalg.svd(trimmed, full_matrices=False)
+        best = U[:, :4] @ torch.diag(S[:4]) @ Vh[:4]
+        _close({n: merged[n]}, {n: best})
+        err, size = err + float(((best - trimmed) ** 2).sum()), size + float((trimmed ** 2).sum())
+    assert record["reconstruction_error"] == pytest.approx((err / size) ** 0.5, rel=1e-4) and record["reconstruction_error"] > 0.05
+
+
+def test_anchor_penalty_is_the_own_sum_over_earlier_stages_on_the_factors():
+    """strength * sum_j c_j sum_i F_ji (theta_i - theta_ji)^2 over every LoRA A and B (F = 1: L2)."""
+    from seqdpo.strategies.anchor import Anchor
+
+    model = _lora_net()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    theta1 = {n: p.detach() + 0.1 * torch.randn_like(p) for n, p in params.items()}
+    theta2 = {n: p.detach().clone() for n, p in params.items()}
+    fisher = {n: torch.rand_like(p) for n, p in params.items()}
+    for F in (None, fisher):
+        penalty = Anchor(model, 3.0, [(0.5, theta1, F), (1.0, theta2, F)])
+        with torch.no_grad():
+            for p in params.values():
+                p.add_(0.05)
+        own = sum(c * float((((params[n].detach() - t[n]) ** 2) * (1 if F is None else F[n])).sum())
+                  for c, t in ((0.5, theta1), (1.0, theta2)) for n in params)
+        assert float(penalty()) == pytest.approx(3.0 * own, rel=1e-5)
 
 
 # --- real jobs -----------------------------------------------------------------------------------------
