@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 
 from cluster_helpers import assert_same_pairs
 from conftest import CONF, run_config
@@ -41,10 +41,10 @@ def test_signature_holds_only_the_keys_a_strategy_reads():
 
 
 def _set(name, k, swapped=0):
-    """k pairs of prompt i with responses [i] over [i + 100]; the first `swapped` pairs prefer the other way round."""
-    return Dataset.from_dict({"pair_id": [f"{name}-{i}" for i in range(k)], "prompt_ids": [[i] for i in range(k)],
-                              "chosen_ids": [[i + 100 * (i < swapped)] for i in range(k)],
-                              "rejected_ids": [[i + 100 * (i >= swapped)] for i in range(k)]})
+    """k pairs of prompt i with response i over response i + 100; the first `swapped` prefer the other way round."""
+    return Dataset.from_dict({"pair_id": [f"{name}-{i}" for i in range(k)], "prompt": [f"prompt {i}" for i in range(k)],
+                              "chosen": [f"response {i + 100 * (i < swapped)}" for i in range(k)],
+                              "rejected": [f"response {i + 100 * (i >= swapped)}" for i in range(k)]})
 
 
 def _sets(sizes=(8, 8), names=("polite", "factual")):
@@ -133,15 +133,28 @@ def test_joint_is_one_stage_on_the_union(tmp_path):
     assert len(plan.train) == 14 and plan.info["repeated_pairs_dropped"] == 8
 
 
-def test_joint_counts_and_warns_about_contradictory_pairs(tmp_path, caplog):
-    """The conflicting world at strength 1: B's pairs are A's with chosen and rejected swapped."""
+def test_contradictory_pairs_are_the_same_prompt_with_the_responses_swapped():
+    from seqdpo.strategies.contradictions import contradictory_pairs
+
+    union = concatenate_datasets([_set("helpful", 8), _set("harmless", 8, swapped=3)])  # prompts 0-2 flip
+    assert contradictory_pairs(union, "hh_rlhf") == 6  # both members of each of the 3 twins
+    assert contradictory_pairs(_set("helpful", 8), "hh_rlhf") == 0
+
+
+@pytest.mark.parametrize("relation,strength,expected", [("conflicting", 1.0, 256), ("conflicting", 0.5, 132), ("orthogonal", 0.5, 0)])
+def test_joint_counts_and_warns_about_the_synthetic_worlds_contradictions(tmp_path, caplog, relation, strength, expected):
+    """The conflicting world's coupled pairs are twins across objectives (polite over factual, factual over
+    polite): every pair at strength 1, about half at 0.5 (the study's setting), none when orthogonal."""
+    from seqdpo.data import build_objectives
     from seqdpo.strategies import plan_stages
 
-    sets = [_set("polite", 8), _set("factual", 8, swapped=3)]  # prompts 0-2: factual prefers what polite rejects
+    cfg = run_config(["experiment=mitigations", "strategy=joint", f"dataset.options.relation={relation}",
+                      f"dataset.options.strength={strength}"])
+    objectives = build_objectives(cfg.dataset, cfg.seed)
     with caplog.at_level("WARNING", logger="seqdpo"):
-        (plan,) = plan_stages(run_config(["strategy=joint"]), ["polite", "factual"], sets, tmp_path, write=True)
-    assert plan.info["contradictory_pairs"] == 6  # both members of each of the 3 swapped twins
-    assert "6 of the 16 pairs in the union have a twin with chosen and rejected swapped" in caplog.text
+        (plan,) = plan_stages(cfg, ["polite", "factual"], [objectives[o].train for o in ("polite", "factual")], tmp_path, write=True)
+    assert plan.info["contradictory_pairs"] == expected
+    assert (f"joint: {expected} of the 256 pairs in the union have a twin" in caplog.text) == (expected > 0)
 
 
 def test_merge_trains_fresh_adapters_then_a_merged_row(tmp_path):
@@ -246,7 +259,7 @@ def test_anchor_penalty_is_the_own_sum_over_earlier_stages_on_the_factors():
                 p.add_(0.05)
         own = sum(c * float((((params[n].detach() - t[n]) ** 2) * (1 if F is None else F[n])).sum())
                   for c, t in ((0.5, theta1), (1.0, theta2)) for n in params)
-        assert float(penalty()) == pytest.approx(3.0 * own, rel=1e-5)
+        assert penalty().item() == pytest.approx(3.0 * own, rel=1e-5)
 
 
 # --- real jobs -----------------------------------------------------------------------------------------
@@ -397,6 +410,57 @@ def test_merge_at_weights_one_zero_is_the_first_adapter(jobs, tmp_path_factory, 
                                   seq[seq.stage == 1].sort_values(["objective", "pair_id"]).reset_index(drop=True))
 
 
+@pytest.mark.slow
+def test_replay_with_match_steps_trains_sequentials_optimizer_steps(tmp_path_factory, cache, tmp_path):
+    """By epochs (no max_steps): sequential takes 2 steps of 4 pairs a stage on 8 pairs; replay's stage 2 holds
+    8 + 4 replayed pairs and, with match_steps, also takes 2 steps (8 of its 12 pairs seen)."""
+    from seqdpo.data import build_objectives
+    from seqdpo.data.accounting import prepare_pairs
+    from seqdpo.modeling import load_tokenizer
+    from seqdpo.report import build_report
+
+    epochs = ["train.max_steps=-1", *NO_DIAGNOSTICS]
+    runs = {name: _run(tmp_path_factory, name, [*strategy, *epochs], cache)
+            for name, strategy in (("sequential", ["strategy=sequential"]), ("replay", ["strategy=replay", "strategy.ratio=0.5"]))}
+    stages = {name: m["strategy"]["stages"] for name, (_, _, m) in runs.items()}
+    assert [s["train_steps"] for s in stages["replay"]] == [s["train_steps"] for s in stages["sequential"]] == [2, 2]
+    assert stages["replay"][1]["pairs"] == 12 and stages["replay"][1]["pairs_seen"] == 8
+    # stage 1 sees each of its 8 pairs once: its tokens are theirs, prompt + chosen + rejected
+    cfg = runs["sequential"][0]
+    polite = prepare_pairs(build_objectives(cfg.dataset, cfg.seed), load_tokenizer(cfg.model), cfg.dataset, cfg.model.max_length,
+                           cfg.seed).train["polite"]
+    own = sum(len(p) + len(c) + len(r) for p, c, r in zip(polite["prompt_ids"], polite["chosen_ids"], polite["rejected_ids"]))
+    assert stages["sequential"][0]["tokens_seen"] == stages["replay"][0]["tokens_seen"] == own
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    for name, (_, out, _) in runs.items():
+        (sweep / name).symlink_to(out, target_is_directory=True)
+    build_report(sweep, tmp_path / "report")
+    table = pd.read_csv(tmp_path / "report" / "mitigations.csv")
+    assert set(table.steps) == {4} and "tokens_seen" in (tmp_path / "report" / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_anchor_at_stage_3_includes_stage_1s_term(tmp_path_factory, cache):
+    """Three stages, EWC, decay 0.5: the penalty at stage 3's first step (at theta_2, so stage 2's own term is 0)
+    is strength x 0.5 x sum_i F_1i (theta_2i - theta_1i)^2, from the saved adapters and stage 1's saved Fisher."""
+    from peft import load_peft_weights
+    from safetensors.torch import load_file
+
+    overrides = ["strategy=anchor", "strategy.penalty=ewc", "strategy.fisher_pairs=4", "strategy.decay=0.5", "strategy.strength=10",
+                 "order.stages=[a,b,c]", "dataset.objectives=[polite,factual,concise]", "train.logging_steps=1", *NO_DIAGNOSTICS]
+    _, out, matrix = _run(tmp_path_factory, "anchor3", overrides, cache)
+    log = [json.loads(line) for line in (out / "stage_3" / "train_log.jsonl").read_text().splitlines()]
+    first = next(row["anchor/penalty"] for row in log if "anchor/penalty" in row)
+    theta1, theta2 = (load_peft_weights(str(out / f"stage_{k}" / "adapter")) for k in (1, 2))
+    fisher1 = load_file(str(out / "stage_2" / "anchor_fisher.safetensors"))
+    own = 10 * 0.5 * sum(float((f * (theta2[n.replace(".default.", ".")] - theta1[n.replace(".default.", ".")]) ** 2).sum())
+                         for n, f in fisher1.items())
+    assert own > 0 and first == pytest.approx(own, rel=1e-4)
+    stage3 = matrix["strategy"]["stages"][2]
+    assert stage3["anchored_stages"] == 2 and stage3["fisher_mean"] > 0 and (out / "stage_3" / "anchor_fisher.safetensors").exists()
+
+
 def _stage2_movement(out, fisher=None):
     """Effective movement of stage 2 (what L2 pulls on), or its Fisher-weighted raw distance (what EWC pulls on)."""
     from seqdpo.analysis.gradients import normalize_key
@@ -435,8 +499,8 @@ def test_report_has_the_mitigations_view(jobs, tmp_path):
         (sweep / case).symlink_to(jobs[case][1], target_is_directory=True)
     written = build_report(sweep, tmp_path / "report")
     rows = pd.read_csv(tmp_path / "report" / "mitigations_jobs.csv")
-    assert sorted(rows.strategy.unique()) == ["joint", "merge method=dare_ties weights=equal density=0.5", "replay ratio=0.5",
-                                              "sequential"]
+    assert sorted(rows.strategy.unique()) == ["joint", "merge method=dare_ties weights=equal density=0.5",
+                                              "replay ratio=0.5 match_steps=True", "sequential"]
     matrices = {case: jobs[case][2]["metrics"]["accuracy"] for case in ("sequential", "joint", "merge")}
     seq = rows[rows.strategy == "sequential"].set_index("objective")
     assert seq.loc["polite", "final"] == matrices["sequential"][2][0] and seq.loc["polite", "role"] == "A"
@@ -450,6 +514,11 @@ def test_report_has_the_mitigations_view(jobs, tmp_path):
     assert merged.loc["factual", "forgetting"] == pytest.approx(matrices["merge"][2][1] - matrices["merge"][3][1])
     table = pd.read_csv(written["mitigations_csv"])
     assert set(table.seeds) == {1} and table.final_low.notna().all()  # one seed: the job's bootstrap interval
+    # compute and merge records: 3 steps a stage for every strategy (joint: 2 x 3); the merged adapter's rank 2 x 32
+    assert set(table.steps) == {6} and table.tokens_seen.gt(0).all()
+    # dare_ties is dense, but rank 64 is every module's smaller dimension on the tiny model: nothing is lost
+    assert merged.loc["factual", "rank"] == 64 and merged.loc["factual", "reconstruction_error"] < 1e-5
+    assert rows[rows.strategy == "sequential"]["rank"].isna().all()
     assert list((tmp_path / "report").glob("tradeoff_*.png"))
     assert "## Mitigations" in (tmp_path / "report" / "summary.md").read_text()
 

@@ -89,16 +89,11 @@ def optimizer_steps(cfg: RunConfig, n_pairs: int) -> int:
     return math.ceil(t.epochs * max(math.ceil(batches / t.grad_accum), 1))
 
 
-def contradictory_pairs(ds: Dataset) -> int:
-    """Rows of `ds` whose prompt also occurs with their chosen and rejected responses swapped."""
-    keys = list(zip(map(tuple, ds["prompt_ids"]), map(tuple, ds["chosen_ids"]), map(tuple, ds["rejected_ids"])))
-    present = set(keys)
-    return sum((p, r, c) in present for p, c, r in keys)
-
-
 def plan_stages(cfg: RunConfig, stage_objs: list[str], stage_sets: list[Dataset], out: Path, *, write: bool) -> list[StagePlan]:
     """The stages a job runs (module docstring). `write`: this process records replay draws (DDP rank 0)."""
     from datasets import concatenate_datasets
+
+    from seqdpo.strategies.contradictions import contradictory_pairs
 
     s = cfg.strategy
     own = [_pairs(o, ds) for o, ds in zip(stage_objs, stage_sets)]
@@ -110,12 +105,13 @@ def plan_stages(cfg: RunConfig, stage_objs: list[str], stage_sets: list[Dataset]
             union, pairs = union.select(keep.nonzero()[0]), pairs[keep].reset_index(drop=True)
         steps = sum(optimizer_steps(cfg, len(ds)) for ds in stage_sets)
         info = {"objectives": list(dict.fromkeys(stage_objs)), "repeated_pairs_dropped": int((~keep).sum()),
-                "contradictory_pairs": contradictory_pairs(union)}
+                "contradictory_pairs": contradictory_pairs(union, cfg.dataset.name)}
         if info["repeated_pairs_dropped"]:
             log.info("joint: %d pairs of objectives ordered in several stages train once", info["repeated_pairs_dropped"])
         if info["contradictory_pairs"]:
-            log.warning("joint: %d of the %d pairs in the union have a twin with chosen and rejected swapped (same prompt): "
-                        "joint trains on contradictory labels there", info["contradictory_pairs"], len(union))
+            log.warning("joint: %d of the %d pairs in the union have a twin that prefers their rejected response "
+                        "(seqdpo/strategies/contradictions.py): joint trains on contradictory labels there",
+                        info["contradictory_pairs"], len(union))
         return [StagePlan(JOINT, union, pairs, max_steps=steps, info=info)]
     if s.name == "replay":
         from seqdpo.strategies.replay import replay_stages
