@@ -144,8 +144,10 @@ def _run_stages(cfg: RunConfig, out: Path, tracker, status) -> dict:
     for k, stage in enumerate(plan, start=1):
         sd = out / f"stage_{k}"
         if (sd / "DONE").exists():
-            if not stage.merge:  # the merged row is the last, and its adapter's rank is not the job's
-                _load_adapter(peft_model, sd / "adapter")
+            if stage.merge:  # the last row, and its adapter's rank is not the job's: nothing reads it later
+                log.info("stage %d (%s) finished earlier", k, stage.name)
+                continue
+            _load_adapter(peft_model, sd / "adapter")
             log.info("stage %d (%s) finished earlier: adapter reloaded from %s", k, stage.name, sd / "adapter")
             continue
         status.set("running", stage=k)

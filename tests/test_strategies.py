@@ -323,6 +323,9 @@ def test_every_strategy_writes_every_output(jobs, case):
         run = read_run(next((out / "wandb").glob("offline-run-*/run-*.wandb")))
         for k in range(len(rows)):  # the merged row too
             assert run["summary"][f"matrix/accuracy/stage{k}/polite"] == pytest.approx(matrix["metrics"]["accuracy"][k][0])
+        # the compute of each trained stage and the merged adapter's rank (2 x 32) beside them
+        assert [run["summary"][f"strategy/stage{k}/train_steps"] for k in (1, 2)] == [3, 3]
+        assert run["summary"]["strategy/stage1/pairs_seen"] == 12 and run["summary"]["strategy/stage3/rank"] == 64
 
 
 @pytest.mark.slow
@@ -370,7 +373,11 @@ def test_an_interrupted_job_resumes_to_the_same_pairs(jobs, case, tmp_path_facto
     cfg = jobs[case][0]
     run_job(cfg, str(out))
     last_trained = 1 if case == "joint" else 2
-    assert "checkpoint-" in json.loads((out / f"stage_{last_trained}" / "DONE").read_text())["resumed_from"]
+    done = json.loads((out / f"stage_{last_trained}" / "DONE").read_text())
+    assert "checkpoint-" in done["resumed_from"]
+    # the compute record spans the interruption: the checkpoint carries what was seen before it
+    uninterrupted = json.loads((jobs[case][1] / f"stage_{last_trained}" / "DONE").read_text())
+    assert (done["pairs_seen"], done["tokens_seen"]) == (uninterrupted["pairs_seen"], uninterrupted["tokens_seen"])
     assert_same_pairs(out / "pairs.parquet", jobs[case][1] / "pairs.parquet")
 
 
