@@ -348,6 +348,15 @@ def test_merge_measures_every_stage_from_the_initial_adapter(jobs):
 
 
 @pytest.mark.slow
+def test_a_finished_merge_job_runs_again_without_reloading_the_merged_adapter(tmp_path_factory, cache):
+    """The merged adapter's rank (2 x 32) is not the job's (32): reloading it into the job's adapter failed."""
+    from seqdpo.runner import run_job
+
+    cfg, out, matrix = _run(tmp_path_factory, "merge_again", ["strategy=merge", *NO_DIAGNOSTICS], cache)
+    assert run_job(cfg, str(out))["metrics"] == matrix["metrics"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["joint", "replay", "merge", "anchor_ewc"])  # sequential: tests/test_requeue.py
 def test_an_interrupted_job_resumes_to_the_same_pairs(jobs, case, tmp_path_factory, cache, monkeypatch):
     """Stopped (KeyboardInterrupt, as a signal handler raises) at the 5th optimizer step, i.e. inside the last

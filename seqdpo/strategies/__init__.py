@@ -10,7 +10,7 @@ trains on, where its adapter starts, and whether it trains at all.
 | sequential | one per entry of order.stages, named after its objective | continues the adapter (the paper) |
 | replay | the same rows | from stage 2 on, also trains on `ratio` x its own pair count pairs drawn from the earlier stages' sets (`replay.py`); with `match_steps`, in as many optimizer steps as sequential's stage |
 | anchor | the same rows | from stage 2 on, adds `strength` x a pull toward the adapter after every earlier stage (`anchor.py`) |
-| joint | one row, `joint` | one stage on the union of the ordered objectives' pairs, as many optimizer steps as all sequential stages together; warns when the union holds contradictory pairs (one prompt, chosen and rejected swapped) |
+| joint | one row, `joint` | one stage on the union of the ordered objectives' pairs, as many optimizer steps as all sequential stages together; counts and warns about the contradictory pairs of the union (`contradictions.py`) |
 | merge | one row per entry of order.stages (each a single adapter trained from the base), then `merged` | the last row trains nothing: the single adapters' weight changes are merged (`merge.py`) |
 
 Every trained stage records the pairs it trained on in stage_<k>/train_pairs.parquet

@@ -60,9 +60,7 @@ def combine(deltas: list[torch.Tensor], weights: list[float], method: str, densi
         return MU.ties(deltas, w, density)
     if method == "dare_linear":
         return MU.dare_linear(deltas, w, density)
-    if method == "dare_ties":
-        return MU.dare_ties(deltas, w, density)
-    raise ValueError(f"merge method '{method}' is not one of linear, ties, dare_linear, dare_ties")
+    return MU.dare_ties(deltas, w, density)  # config.MERGE_METHODS: the last one
 
 
 def _factors(factors: list[tuple[float, torch.Tensor, torch.Tensor]], scaling: float, method: str, density: float,
