@@ -92,14 +92,14 @@ def test_replay_pool_is_every_earlier_stage_and_the_draw_follows_the_seed(tmp_pa
 
 
 @pytest.mark.parametrize("n,batch,accum,epochs", [(8, 8, 1, 1.0), (9, 4, 1, 1.0), (12, 4, 2, 1.0), (10, 4, 1, 2.5), (3, 8, 4, 1.0)])
-def test_optimizer_steps_is_what_the_trainer_runs(n, batch, accum, epochs):
+def test_optimizer_steps_is_what_the_trainer_runs(n, batch, accum, epochs, tmp_path):
     """The count match_steps and joint plan with, against transformers' own count for the same dataloader."""
     from transformers import Trainer, TrainingArguments
 
     from seqdpo.strategies import optimizer_steps
 
     cfg = run_config([f"train.batch_size={batch}", f"train.grad_accum={accum}", f"train.epochs={epochs}"])
-    args = TrainingArguments(output_dir="unused", per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
                              num_train_epochs=epochs, use_cpu=True, report_to="none")
     trainer = Trainer(model=torch.nn.Linear(1, 1), args=args, train_dataset=[{"x": i} for i in range(n)])
     expected = trainer.set_initial_training_values(args, trainer.get_train_dataloader())[6]  # its max_steps
