@@ -8,9 +8,12 @@ from typing import Any
 
 import pandas as pd
 
+from seqdpo.analysis.gradient_probes import CLIPPED, UNRELIABLE
 from seqdpo.evaluation import MATRIX_METRICS
 from seqdpo.report.jobs import Job
 
+CORRECTED_NOTES = {UNRELIABLE: "unreliable at this probe size: raise diagnostics.probe_pairs",
+                   CLIPPED: "clipped to +-1 (the reliabilities are noisy)"}
 QUARTILE_STATS = ("frac_improved", "frac_stayed", "frac_degraded", "delta_mean")
 
 
@@ -119,10 +122,11 @@ def diagnostics_table(jobs: list[Job]) -> pd.DataFrame:
                                 "grad_cosine": gc.get("total"), "update_cos_neg_grad": ua.get("cos_update_neg_grad"),
                                 "update_first_order_loss_change": ua.get("first_order_loss_change"),
                                 "offprompt_d_logp_tok_other": disp.get("d_logp_tok")})
-                    floors = gc.get("noise_floor") or {}
+                    rel = gc.get("reliability") or {}
                     row.update({"grad_cosine_low": gc.get("ci_low"), "grad_cosine_high": gc.get("ci_high"),
                                 "grad_cosine_corrected": gc.get("corrected"),
-                                "noise_floor_own": floors.get(own), "noise_floor_other": floors.get(other)})
+                                "grad_cosine_corrected_note": CORRECTED_NOTES.get(gc.get("corrected_status"), ""),
+                                "reliability_own": rel.get(own), "reliability_other": rel.get(other)})
                     trace = d.get("grad_cosine_trace") or []
                     if trace:
                         last = trace[-1]["grad_cosine"].get(f"{d.get('objective')}__{other}") or {}
