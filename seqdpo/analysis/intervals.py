@@ -254,16 +254,12 @@ def redistribution(evidence: dict[str, tuple[float, float]]) -> list[str]:
     regression to the mean). Quartiles cross-fitted on random halves of the pairs would not help: each
     pair's quartile and its change would still share that pair's own noise at b.
     """
-    lo = {k: v[0] for k, v in evidence.items()}
-    hi = {k: v[1] for k, v in evidence.items()}
-    out = []
-    if evidence and lo["by_start"] > 0 and lo["by_end"] > 0:
-        out.append("compression")
-    if evidence and hi["by_start"] < 0 and hi["by_end"] < 0:
-        out.append("expansion")
-    if evidence and lo["crossing"] > 0:
-        out.append("crossing")
-    return out
+    if not evidence:
+        return []
+    (start_lo, start_hi), (end_lo, end_hi) = evidence["by_start"], evidence["by_end"]
+    fired = {"compression": start_lo > 0 and end_lo > 0, "expansion": start_hi < 0 and end_hi < 0,
+             "crossing": evidence["crossing"][0] > 0}
+    return [name for name, hit in fired.items() if hit]
 
 
 def decide(change: tuple[float, float], quartiles: dict[str, tuple[float, float]],
