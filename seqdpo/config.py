@@ -175,7 +175,10 @@ class DiagnosticsConfig:
     grad_cosine_points: int = 5  # probes per stage, spread evenly from its first to its last step (1 = start only)
     probe_source: str = "train"  # train | eval: whose pairs the gradient probes use
     probe_pairs: int = 64  # pairs per objective in a gradient probe (16 measured as noise on the synthetic world)
-    probe_blocks: int = 8  # a probe's backward passes; its blocks give the noise floor and the jackknife interval
+    probe_blocks: int = 8  # a probe's backward passes; its blocks give the split-half reliability and the jackknife interval
+    # the disattenuated cosine is reported only when both objectives' probe reliabilities reach this
+    # (0.5: the correction at most doubles a cosine); below it, raise probe_pairs
+    min_reliability: float = 0.5
     adapter_movement: bool = True
     likelihood: bool = True  # 3D-properties: chosen/rejected/held-out likelihood shifts
     # Pair-level analysis: a pair "stayed" when |delta| <= stay_threshold * sd(values after the training
@@ -353,7 +356,8 @@ def _ranges(cfg: RunConfig) -> list[tuple[str, Any, str, bool]]:
         ("dataset.min_pairs", ds.min_pairs, ">= 1", ds.min_pairs >= 1),
         ("dataset.warn_fraction", ds.warn_fraction, "in [0, 1]", 0 <= ds.warn_fraction <= 1),
         ("diagnostics.grad_cosine_points", d.grad_cosine_points, ">= 1 (1 = stage start only)", d.grad_cosine_points >= 1),
-        ("diagnostics.probe_blocks", d.probe_blocks, ">= 2 (two halves give the noise floor)", d.probe_blocks >= 2),
+        ("diagnostics.probe_blocks", d.probe_blocks, ">= 2 (two halves give the split-half reliability)", d.probe_blocks >= 2),
+        ("diagnostics.min_reliability", d.min_reliability, "in (0, 1] (a reliability is at most 1)", 0 < d.min_reliability <= 1),
         ("diagnostics.probe_pairs", d.probe_pairs, f">= diagnostics.probe_blocks ({d.probe_blocks})", d.probe_pairs >= d.probe_blocks),
         ("diagnostics.stay_threshold", d.stay_threshold, ">= 0", nonneg(d.stay_threshold)),
         ("diagnostics.redistribution_min_fraction", d.redistribution_min_fraction, "in [0, 0.5] (pairs moving each way)",

@@ -10,7 +10,9 @@
 - intervals (matrix.json's `intervals`, when present): `<matrix or transfer key>_low` / `_high` beside each
   value above.
 - verdicts (matrix.json's `verdicts`): `verdict/<column>/stage<k>/<objective>` = degraded | stable |
-  improved | redistributed, with `change/<column>/stage<k>/<objective>` and its `_low` / `_high`.
+  improved | redistributed, with `change/<column>/stage<k>/<objective>` and its `_low` / `_high`, and
+  `reading/<column>/stage<k>/<objective>` = learning (stage k trained it: against stage k - 1) |
+  retention (against its last training stage) | transfer (against the base).
 """
 
 from __future__ import annotations
@@ -76,6 +78,8 @@ def interval_summary(matrix: dict) -> dict[str, Any]:
     for v in matrix.get("verdicts") or []:
         key = f"{v['column']}/stage{v['stage']}/{v['objective']}"
         out[f"verdict/{key}"] = str(v["verdict"])
+        if "reading" in v:  # matrix.json written before verdicts said what they measure
+            out[f"reading/{key}"] = str(v["reading"])
         _put(out, f"change/{key}", v.get("change"))
         _put_interval(out, f"change/{key}", v.get("interval"))
     return out

@@ -369,7 +369,8 @@ def test_recorder_hooks_on_a_linear_model(tmp_path):
 
 def test_recorder_traces_cosines_at_points_spread_over_the_stage(tmp_path):
     pytest.importorskip("transformers")
-    # B's two blocks disagree on v: its split-half noise floor is cos([0,0,1,0,0,0,1,0], [0,0,1,0,0,0,-1,0]) = 0
+    # B's two blocks disagree on v: its split-half cosine is cos([0,0,1,0,0,0,1,0], [0,0,1,0,0,0,-1,0]) = 0, so its
+    # reliability 2 f / (1 + f) is 0 and the disattenuated cosine is withheld
     objs = {"A": [{"c": [0, 0, 1, 0, 0, 0, 0, 0]}] * 2, "B": [{"c": [0, 0, 1, 0, 0, 0, 1, 0]}, {"c": [0, 0, 1, 0, 0, 0, -1, 0]}]}
     rec = DiagnosticsRecorder(_cfg(likelihood=False, grad_cosine_points=3, probe_pairs=2, probe_blocks=2), tmp_path, objs)
     tr = _FakeTrainer()
@@ -387,7 +388,8 @@ def test_recorder_traces_cosines_at_points_spread_over_the_stage(tmp_path):
     assert [p["step"] for p in trace] == [0, 2, 4] and [p["progress"] for p in trace] == [0.0, 0.5, 1.0]
     ab = trace[1]["grad_cosine"]["A__B"]
     assert ab["total"] == pytest.approx(1.0)  # B's mean gradient is [0,0,1,0,...]: A's direction
-    assert ab["noise_floor"] == {"A": pytest.approx(1.0), "B": pytest.approx(0.0)}
+    assert ab["reliability"] == {"A": pytest.approx(1.0), "B": pytest.approx(0.0)}
+    assert ab["corrected"] is None and ab["corrected_status"] == "unreliable"
     assert ab["ci_low"] <= ab["total"] <= ab["ci_high"] == 1.0
     assert tr.callbacks == []
     # every point is on disk as it is taken: a resumed stage keeps them
@@ -412,7 +414,7 @@ def test_job_analysis_and_tables():
     assert list(tables["grad_cosine"]["group"]) == ["total", "layer:0"]
 
 
-def test_probe_gram_cosine_noise_floor_and_interval_on_a_known_case():
+def test_probe_gram_cosine_reliability_and_interval_on_a_known_case():
     from seqdpo.analysis import gradient_probes as GP
     from seqdpo.analysis.gradients import cosine
 
@@ -429,15 +431,45 @@ def test_probe_gram_cosine_noise_floor_and_interval_on_a_known_case():
     assert gram.cosine("A", "B") == pytest.approx(cosine(means["A"], means["B"]), abs=1e-9)
     assert gram.cosine("A", "B", "module:q") == pytest.approx(gram.cosine("A", "B"))
     assert gram.norm("A") == pytest.approx(float(means["A"]["layers.0.q_proj.lora_B.weight"].norm()), rel=1e-6)
-    # low noise: halves agree (floor near 1) and the interval is tight around -1; noise 30x the signal: floor near 0
-    assert gram.noise_floor("A") > 0.99 and abs(gram.noise_floor("C")) < 0.3
+    # low noise: halves agree (reliability near 1) and the interval is tight around -1; noise 30x the signal: near 0
+    assert gram.reliability("A") > 0.99 and abs(gram.reliability("C")) < 0.5
+    assert gram.reliability("A") == pytest.approx(2 * gram.split_half("A") / (1 + gram.split_half("A")))
     lo, hi = gram.interval("A", "B")
     assert -1.0 <= lo <= gram.cosine("A", "B") <= hi < -0.99
     lo_c, hi_c = gram.interval("A", "C")
     assert lo_c <= gram.cosine("A", "C") <= hi_c and hi_c - lo_c > 0.3
-    out = GP.pair_cosines(gram, "A", {"B"}, per_group=True)
+    out = GP.pair_cosines(gram, "A", {"B"}, 0.5, per_group=True)
     assert set(out) == {"A__B", "A__C"} and out["A__B"]["earlier"] and not out["A__C"]["earlier"]
     assert out["A__B"]["per_module"]["q"] == pytest.approx(out["A__B"]["total"])
+
+
+def test_disattenuated_cosine_is_bounded_and_withheld_when_unreliable():
+    from seqdpo.analysis.gradient_probes import corrected
+
+    # |cos| / sqrt(r_a r_b) = 0.9 / 0.6 = 1.5 > 1: the noisy reliabilities overshoot; bounded and flagged
+    assert corrected(0.9, 0.6, 0.6, 0.5) == (1.0, "clipped")
+    assert corrected(-0.9, 0.6, 0.6, 0.5) == (-1.0, "clipped")
+    assert corrected(0.3, 0.6, 0.6, 0.5) == (pytest.approx(0.5), "ok")
+    # a reliability below the threshold (or none: fewer than 2 blocks) suppresses it, whatever the cosine
+    assert corrected(0.3, 0.6, 0.4, 0.5) == (None, "unreliable")
+    assert corrected(0.3, 0.6, 0.4, 0.3) == (pytest.approx(0.3 / math.sqrt(0.24)), "ok")
+    assert corrected(0.3, None, 0.9, 0.5) == (None, "unreliable")
+    assert corrected(float("nan"), 0.9, 0.9, 0.5) == (None, "unreliable")
+
+
+def test_probe_with_a_noisy_objective_withholds_its_disattenuated_cosine():
+    from seqdpo.analysis import gradient_probes as GP
+
+    rng = np.random.default_rng(3)
+    u = rng.standard_normal(200)
+    # A: signal only; C: noise 10x the signal per block. A cross cosine exists; its disattenuation does not.
+    grads = {"A": [{"w": torch.tensor(u + 0.01 * rng.standard_normal(200))} for _ in range(8)],
+             "C": [{"w": torch.tensor(u + 10 * rng.standard_normal(200))} for _ in range(8)]}
+    gram = GP.ProbeGram(grads, {"A": np.ones(8), "C": np.ones(8)})
+    out = GP.pair_cosines(gram, "A", set(), 0.5)["A__C"]
+    assert out["reliability"]["C"] < 0.5 and math.isfinite(out["total"])
+    assert out["corrected"] is None and out["corrected_status"] == "unreliable"
+    assert GP.pair_cosines(gram, "A", set(), out["reliability"]["C"] / 2)["A__C"]["corrected_status"] in ("ok", "clipped")
 
 
 def test_trace_steps_spread_over_the_stage():
@@ -460,15 +492,17 @@ def test_jackknife_interval_covers_the_true_cosine():
     v *= np.linalg.norm(u)
     # Noise of norm^2 4 |u|^2 per block, |u|^2 / 2 over 8 blocks: the expected cosine is shrunk by 1 / 1.5
     shrunk = -0.5 / 1.5
-    covered, corrected, floors = 0, [], []
+    covered, corrected, reliabilities = 0, [], []
     for _ in range(200):
         grads = {n: [{"w": torch.tensor(c + 2.0 * rng.standard_normal(d))} for _ in range(k)] for n, c in (("A", u), ("B", v))}
         gram = GP.ProbeGram(grads, {"A": np.ones(k), "B": np.ones(k)})
         lo, hi = gram.interval("A", "B")
         covered += lo <= shrunk <= hi
-        out = GP.pair_cosines(gram, "A", set())["A__B"]
+        out = GP.pair_cosines(gram, "A", set(), 0.5)["A__B"]
+        assert out["corrected_status"] == "ok"
         corrected.append(out["corrected"])
-        floors.append(out["noise_floor"]["A"])
+        reliabilities.append(out["reliability"]["A"])
     assert 0.88 <= covered / 200 <= 1.0
-    assert np.mean(floors) == pytest.approx(0.5, abs=0.05)  # halves: noise |u|^2 against signal |u|^2
+    # halves: noise |u|^2 against signal |u|^2 (split-half 0.5); the full probe: |u|^2 / 2, reliability 2/3
+    assert np.mean(reliabilities) == pytest.approx(2 / 3, abs=0.05)
     assert np.mean(corrected) == pytest.approx(-0.5, abs=0.03)  # the attenuation correction recovers the truth

@@ -192,7 +192,7 @@ def test_generation_turns_the_warm_start_on_and_changes_the_job():
 
 def test_gradient_probe_options_compose():
     d = run_config([]).diagnostics
-    assert (d.probe_source, d.probe_pairs, d.probe_blocks, d.grad_cosine_points) == ("train", 64, 8, 5)
+    assert (d.probe_source, d.probe_pairs, d.probe_blocks, d.grad_cosine_points, d.min_reliability) == ("train", 64, 8, 5, 0.5)
     d = run_config(["diagnostics.probe_source=eval", "diagnostics.probe_pairs=16", "diagnostics.probe_blocks=4",
-                    "diagnostics.grad_cosine_points=3"]).diagnostics
-    assert (d.probe_source, d.probe_pairs, d.probe_blocks, d.grad_cosine_points) == ("eval", 16, 4, 3)
+                    "diagnostics.grad_cosine_points=3", "diagnostics.min_reliability=0.7"]).diagnostics
+    assert (d.probe_source, d.probe_pairs, d.probe_blocks, d.grad_cosine_points, d.min_reliability) == ("eval", 16, 4, 3, 0.7)

@@ -44,6 +44,7 @@ BAD_VALUES = [
     ("diagnostics.grad_cosine_points=0", "diagnostics.grad_cosine_points", ">= 1"),
     ("diagnostics.probe_pairs=0", "diagnostics.probe_pairs", ">= diagnostics.probe_blocks"),
     ("diagnostics.probe_blocks=1", "diagnostics.probe_blocks", ">= 2"),
+    ("diagnostics.min_reliability=0", "diagnostics.min_reliability", "in (0, 1]"),
     ("diagnostics.probe_source=test", "diagnostics.probe_source", "not one of"),
     ("diagnostics.stay_threshold=-1", "diagnostics.stay_threshold", ">= 0"),
     ("diagnostics.redistribution_min_fraction=0.8", "diagnostics.redistribution_min_fraction", "[0, 0.5]"),

@@ -1,7 +1,7 @@
 """Gradient cosines on the synthetic world, whose relations fix the sign the cosine must have: with the
 default probes (64 training pairs per objective in 8 blocks) the cosine between the two objectives at
 the start of stage 2 orders conflicting < orthogonal < compatible on every seed, and each cosine comes
-with its interval, its noise floors and a trace over the stage's steps."""
+with its interval, both probes' reliabilities and a trace over the stage's steps."""
 
 import json
 
@@ -47,7 +47,13 @@ def test_relations_order_the_stage2_start_cosine(stage2_cosines, seed):
                                  "blocks": {"polite": 8, "factual": 8}}
         c = diag["grad_cosine"]["factual__polite"]
         assert c["earlier"] is True and -1 <= c["ci_low"] <= c["total"] <= c["ci_high"] <= 1
-        assert set(c["noise_floor"]) == {"factual", "polite"} and all(-1 <= f <= 1 for f in c["noise_floor"].values())
+        assert set(c["reliability"]) == {"factual", "polite"} and all(r is None or r <= 1 for r in c["reliability"].values())
+        assert "noise_floor" not in c
+        # the disattenuated cosine: never outside [-1, 1], withheld when a probe is unreliable
+        if c["corrected_status"] == "unreliable":
+            assert c["corrected"] is None
+        else:
+            assert -1 <= c["corrected"] <= 1 and c["corrected_status"] in ("ok", "clipped")
         cos[relation] = c["total"]
     assert cos["conflicting"] < cos["orthogonal"] < cos["compatible"], cos
 
@@ -68,4 +74,8 @@ def test_cosines_are_traced_over_every_stage(stage2_cosines):
     # one W&B row per trace point, on one axis for every order: stage - 1 + step / steps
     assert [r["grad_cosine/progress"] for r in rows] == [0, 0.5, 1, 1, 1.5, 2]
     assert all(r["grad_cosine/factual__polite/ci_low"] <= r["grad_cosine/factual__polite/total"] for r in rows)
-    assert all("grad_cosine/noise_floor/polite" in r for r in rows)
+    assert all("grad_cosine/reliability/polite" in r for r in rows)
+    assert not any(k.startswith("grad_cosine/noise_floor") for r in rows for k in r)
+    assert all(-1 <= r[k] <= 1 for r in rows for k in r if k.endswith("/corrected"))
+    summary = read_run(run_file)["summary"]
+    assert "stage2/diag/grad_cosine/factual__polite/reliability/polite" in summary

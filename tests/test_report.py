@@ -199,9 +199,14 @@ def test_report_on_real_tiny_multirun(tmp_path):
     diag = pd.read_csv(out / "diagnostics.csv")
     stage2 = diag[(diag.stage == 2) & (diag.other_trained_before == True)]  # noqa: E712
     assert len(stage2) == 2 and stage2.grad_cosine.between(-1, 1).all()
-    # each cosine with its interval and both objectives' noise floors (split-half self-cosines)
+    # each cosine with its interval and both objectives' probe reliabilities (split-half, Spearman-Brown)
     assert (stage2.grad_cosine_low <= stage2.grad_cosine).all() and (stage2.grad_cosine <= stage2.grad_cosine_high).all()
-    assert stage2.noise_floor_own.between(-1, 1).all() and stage2.noise_floor_other.between(-1, 1).all()
+    assert (stage2.reliability_own <= 1).all() and (stage2.reliability_other <= 1).all()
+    # the disattenuated cosine: in [-1, 1], or absent and said to be unreliable at this probe size
+    unreliable = diag.grad_cosine_corrected_note == "unreliable at this probe size: raise diagnostics.probe_pairs"
+    assert diag[~unreliable].grad_cosine_corrected.dropna().between(-1, 1).all()
+    assert diag[unreliable].grad_cosine_corrected.isna().all()
+    assert not unreliable.any() or "unreliable at this probe size: raise diagnostics.probe_pairs" in (out / "summary.md").read_text()
     assert (diag.movement_effective_norm > 0).all()
     s = (out / "summary.md").read_text()
     assert "| stage | ab: trained |" in s

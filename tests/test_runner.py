@@ -204,6 +204,18 @@ def test_wandb_offline_run_holds_the_matrix(job):
     assert run["summary"]["transfer/accuracy/BWT_low"] == pytest.approx(saved["intervals"]["transfer"]["accuracy"]["_all"]["BWT"][0])
     for v in saved["verdicts"]:
         assert run["summary"][f"verdict/{v['column']}/stage{v['stage']}/{v['objective']}"] == v["verdict"]
+        assert run["summary"][f"reading/{v['column']}/stage{v['stage']}/{v['objective']}"] == v["reading"]
+    # the objective trained last: what its stage taught apart from the transfer before it, both with intervals
+    last, k = stages[-1], len(stages) - 1
+    (taught,) = [v for v in saved["verdicts"] if (v["objective"], v["stage"], v["column"]) == (last, k, "accuracy")]
+    assert (taught["reading"], taught["baseline_stage"]) == ("learning", k - 1)
+    assert taught["change"] == pytest.approx(transfer["per_objective"][last]["learning"])
+    (before,) = [v for v in saved["verdicts"] if (v["objective"], v["stage"], v["column"]) == (last, k - 1, "accuracy")]
+    assert (before["reading"], before["baseline_stage"]) == ("transfer", 0)
+    assert before["change"] == pytest.approx(transfer["per_objective"][last]["forward"])
+    for q in ("learning", "forward"):
+        low, high = saved["intervals"]["transfer"]["accuracy"][last][q]
+        assert run["summary"][f"transfer/accuracy/{last}/{q}_low"] == pytest.approx(low) and low <= high
     assert any("stage1/train/loss" in row for row in history)
     assert any("stage2/train/rewards/margins" in row for row in history)
 

@@ -5,7 +5,7 @@ Per stage k (objective o_k):
                   gradient of every objective's loss on its fixed probe set (the first `probe_pairs`
                   training pairs, or eval pairs with `probe_source: eval`) at phi_start, in
                   `probe_blocks` blocks; cosines of o_k's gradient with every other objective's, each
-                  with its noise floor and bootstrap interval (gradient_probes.py). The loss is
+                  with both objectives' split-half reliabilities and a jackknife interval (gradient_probes.py). The loss is
                   `trainer.batch_loss` (the stage's loss and beta) on probe rows whose reference columns
                   hold the base model's log-probs whatever `reference` trains with. A callback repeats
                   the cosines at `grad_cosine_points` steps spread over the stage (both ends included);
@@ -145,12 +145,13 @@ class DiagnosticsRecorder:
         return grads, sizes
 
     def _probe(self, trainer, step: int, per_group: bool) -> tuple[dict[str, Any], GP.ProbeGram, dict, dict]:
-        """One trace point: the cosines of the stage's objective with every other, with noise floors and intervals."""
+        """One trace point: the cosines of the stage's objective with every other, with reliabilities and intervals."""
         stage = self._stage
         grads, sizes = self._block_gradients(trainer)
         gram = GP.ProbeGram(grads, sizes, per_group=per_group)
         cosines = GP.pair_cosines(
-            gram, self.stage_objectives[stage - 1], set(self.stage_objectives[: stage - 1]), per_group=per_group
+            gram, self.stage_objectives[stage - 1], set(self.stage_objectives[: stage - 1]),
+            float(self.dcfg.min_reliability), per_group=per_group,
         )
         point = {"step": step, "grad_cosine": cosines}
         self._trace.append(point)
@@ -353,9 +354,11 @@ def grad_cosine_rows(stage_diag: dict[str, Any]) -> list[dict[str, float]]:
             for field in ("total", "ci_low", "ci_high", "corrected"):
                 if res.get(field) is not None:
                     row[f"{key}/{field}"] = float(res[field])
-            for obj, floor in (res.get("noise_floor") or {}).items():
-                if floor is not None:
-                    row[f"noise_floor/{obj}"] = float(floor)
+            if res.get("corrected") is not None:
+                row[f"{key}/corrected_clipped"] = float(res.get("corrected_status") == GP.CLIPPED)
+            for obj, r in (res.get("reliability") or {}).items():
+                if r is not None:
+                    row[f"reliability/{obj}"] = float(r)
         rows.append(row)
     return rows
 

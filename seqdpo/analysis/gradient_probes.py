@@ -1,4 +1,4 @@
-"""Gradient cosines between objectives with a noise floor and an interval, from block gradients.
+"""Gradient cosines between objectives with their reliability and an interval, from block gradients.
 
 A probe set of n pairs of an objective is cut into K blocks (`np.array_split`, K = diagnostics.probe_blocks);
 one backward pass per block gives the gradient g_b of the block's mean loss. Every number below is read
@@ -7,11 +7,14 @@ nothing larger than K x objectives gradients is held, and only while one probe r
 
     gradient of objective j     g_j = sum_b (n_b / n) g_b over j's blocks (= the gradient of the mean loss)
     cosine                      cos(g_i, g_j) = <g_i, g_j> / (|g_i| |g_j|)
-    noise floor of j            the split-half cosine of j with itself: cos(g_j[S], g_j[S']) for a balanced
-                                split S | S' of j's blocks, averaged over all such splits. It is what two
-                                independent halves of the SAME objective agree on: 1 = the probe measures
-                                the direction exactly; near 0 = the probe is noise, and so is any cosine
-                                between objectives measured with it.
+    split-half cosine f_j       cos(g_j[S], g_j[S']) for a balanced split S | S' of j's blocks, averaged
+                                over all such splits: what two independent halves of the SAME objective
+                                agree on.
+    reliability r_j             r = 2 f / (1 + f) (Spearman-Brown): the split-half agreement stepped up
+                                to the full probe, an estimate of cos^2(g_j, its expectation). It is a
+                                ceiling, not a floor: 1 = the probe measures the direction exactly; near 0
+                                = the probe is noise, and so is any cosine between objectives measured
+                                with it. None when f <= -1 or j has fewer than 2 blocks.
     interval                    95 % delete-one-block jackknife: c_(b) = the cosine without block b (of i or
                                 of j), var = sum over i's blocks of (K_i - 1)/K_i (c_(b) - mean_i)^2 + the
                                 same over j's, interval = c +- t(0.975, min(K_i, K_j) - 1) sqrt(var),
@@ -20,11 +23,12 @@ nothing larger than K x objectives gradients is held, and only while one probe r
                                 draw towards 0, so its interval can miss the point estimate.
                                 The interval is the sampling spread at this probe size; the noise itself
                                 also shrinks every cosine towards 0 (next line), which no interval fixes.
-    corrected                   the cosine corrected for that shrinkage (Spearman's correction for
-                                attenuation): cos / sqrt(r_i r_j), with r = 2 f / (1 + f) the reliability of
-                                the full probe from its noise floor f (Spearman-Brown); None when a floor
-                                is <= 0. It estimates the cosine of the expected gradients; read it only
-                                when both floors are well above 0.
+    corrected                   the cosine disattenuated for that shrinkage (Spearman's correction):
+                                cos / sqrt(r_i r_j), an estimate of the cosine of the expected gradients.
+                                Only when both reliabilities reach diagnostics.min_reliability (else None,
+                                `corrected_status` "unreliable": the probe is too small to tell); a value
+                                past +-1 (the reliabilities are themselves noisy) is clipped to +-1 and
+                                flagged "clipped"; otherwise "ok".
 
 Blocks rather than single pairs carry the interval because one backward pass per pair would multiply the
 probe's cost by the block size; K = 8 blocks of 8 pairs is the default.
@@ -98,7 +102,7 @@ class ProbeGram:
         w = self._weights(name)
         return math.sqrt(max(float(w @ self.gram[TOTAL] @ w), 0.0))
 
-    def noise_floor(self, name: str) -> float | None:
+    def split_half(self, name: str) -> float | None:
         """Split-half cosine of `name` with itself, averaged over the balanced splits of its blocks."""
         k = len(self.rows[name])
         if k < 2:
@@ -110,6 +114,11 @@ class ProbeGram:
             if 0 in left
         ]
         return float(np.nanmean(cos))
+
+    def reliability(self, name: str) -> float | None:
+        """Spearman-Brown reliability of the full probe's direction, 2 f / (1 + f) from the split-half cosine f."""
+        f = self.split_half(name)
+        return None if f is None or not f > -1 else 2 * f / (1 + f)
 
     def interval(self, a: str, b: str) -> tuple[float, float] | tuple[None, None]:
         """95 % delete-one-block jackknife interval of cos(g_a, g_b) (module docstring)."""
@@ -138,20 +147,23 @@ def _cos(g: np.ndarray, u: np.ndarray, v: np.ndarray) -> float:
     return float(u @ g @ v) / denom if denom > 0 else float("nan")
 
 
-def pair_cosines(gram: ProbeGram, current: str, earlier: set[str], per_group: bool = False) -> dict[str, Any]:
-    """{"<current>__<other>": {total, ci_low, ci_high, noise_floor: {current, other}, earlier[, per_layer, per_module]}}."""
+def pair_cosines(gram: ProbeGram, current: str, earlier: set[str], min_reliability: float,
+                 per_group: bool = False) -> dict[str, Any]:
+    """{"<current>__<other>": {total, ci_low, ci_high, corrected, corrected_status, reliability: {current, other},
+    earlier[, per_layer, per_module]}}."""
     out: dict[str, Any] = {}
     if current not in gram.rows:
         return out
-    floors = {n: gram.noise_floor(n) for n in gram.objectives}
+    rel = {n: gram.reliability(n) for n in gram.objectives}
     for other in gram.objectives:
         if other == current:
             continue
         lo, hi = gram.interval(current, other)
         total = gram.cosine(current, other)
+        value, status = corrected(total, rel[current], rel[other], min_reliability)
         res: dict[str, Any] = {
-            "total": total, "ci_low": lo, "ci_high": hi, "corrected": corrected(total, floors[current], floors[other]),
-            "noise_floor": {current: floors[current], other: floors[other]}, "earlier": other in earlier,
+            "total": total, "ci_low": lo, "ci_high": hi, "corrected": value, "corrected_status": status,
+            "reliability": {current: rel[current], other: rel[other]}, "earlier": other in earlier,
         }
         if per_group:
             for label, prefix in (("per_layer", "layer"), ("per_module", "module")):
@@ -160,12 +172,15 @@ def pair_cosines(gram: ProbeGram, current: str, earlier: set[str], per_group: bo
     return out
 
 
-def corrected(cos: float, floor_a: float | None, floor_b: float | None) -> float | None:
-    """cos / sqrt(r_a r_b), r = 2 f / (1 + f) from the split-half floors f (module docstring)."""
-    if floor_a is None or floor_b is None or floor_a <= 0 or floor_b <= 0 or not math.isfinite(cos):
-        return None
-    r_a, r_b = 2 * floor_a / (1 + floor_a), 2 * floor_b / (1 + floor_b)
-    return cos / math.sqrt(r_a * r_b)
+UNRELIABLE, CLIPPED, OK = "unreliable", "clipped", "ok"
+
+
+def corrected(cos: float, rel_a: float | None, rel_b: float | None, min_reliability: float) -> tuple[float | None, str]:
+    """(cos / sqrt(r_a r_b) bounded to [-1, 1], status) from the reliabilities r (module docstring)."""
+    if rel_a is None or rel_b is None or min(rel_a, rel_b) < min_reliability or not math.isfinite(cos):
+        return None, UNRELIABLE
+    value = cos / math.sqrt(rel_a * rel_b)
+    return (value, OK) if abs(value) <= 1 else (math.copysign(1.0, value), CLIPPED)
 
 
 def mean_gradient(block_grads: list[dict[str, torch.Tensor]], sizes: np.ndarray) -> dict[str, torch.Tensor]:

@@ -8,13 +8,16 @@ between-pair spread that is common to both stages. Intervals are percentile inte
 `n_boot` replicates drawn from numpy's PCG64 seeded with `seed`.
 
 Verdict of objective j after stage t >= 1, per column c in VERDICT_COLUMNS, against the baseline
-stage b = the last stage before t that trained j (0, the base model, if none did):
+stage b (`baseline_stage`): t - 1 when stage t trains j ("learning": what stage t taught, apart from
+the transfer before it), else the last stage before t that trained j ("retention"), else 0, the base
+model ("transfer"):
 
     degraded       the interval of mean_i (c_i^t - c_i^b) lies below 0
     improved       it lies above 0
-    redistributed  it contains 0, and one quartile's interval of mean change lies above 0 while another's
-                   lies below 0 (quartiles by margin after b, as in pairs.py; only for b >= 1, since
-                   after the base every margin is 0)
+    redistributed  it contains 0, one quartile's interval of mean change lies above 0 while another's
+                   lies below 0 (quartiles by margin after b, as in pairs.py), and the move is beyond
+                   what regression to the mean gives: see `redistribution` (only for b >= 1, since after
+                   the base every margin is 0)
     stable         otherwise: no change this many pairs can detect
 
 Pairs missing at some stage are left out of the resampling of their objective and counted (`n_dropped`).
@@ -42,6 +45,7 @@ METHOD = "paired percentile bootstrap over pair_id"
 VERDICT_COLUMNS = {"accuracy": "accuracy", "margin": "margin_mean"}  # per-pair column -> its matrix metric
 QUARTILE_STATS = ("frac_improved", "frac_stayed", "frac_degraded", "delta_mean")
 VERDICTS = ("degraded", "stable", "improved", "redistributed")
+REDISTRIBUTION_EVIDENCE = ("by_start", "by_end", "crossing")
 
 
 @dataclass
@@ -51,7 +55,9 @@ class Bootstrap:
     Keys: ("matrix", metric) -> [stages, objectives] (replicates [n_boot, stages, objectives]);
     ("transfer", metric, objective or "_all", quantity); ("quartiles", objective, column, from, to,
     quartile or "all", stat); ("change", objective, stage, column, "all" or quartile): the verdict's mean
-    change against its baseline stage. Replicates have the point's shape with n_boot in front.
+    change against its baseline stage (overall and per quartile of the margin at the baseline stage);
+    ("redistribution", objective, stage, column, "by_start" | "by_end" | "crossing"): the contrasts
+    `redistribution` reads. Replicates have the point's shape with n_boot in front.
     """
 
     stages: list[str]
@@ -137,15 +143,35 @@ def _statistics(boot: Bootstrap, data: dict, draws: dict[str, np.ndarray], decom
             if b == 0:
                 out[("change", obj, t, col, "all")] = values[col][t][draws[obj]].mean(-1) - values[col][0][draws[obj]].mean(-1)
                 continue
-            res = _quartile_changes(values["margin"][b], ids, values[col][b], values[col][t], draws[obj], 0.0, tie_tolerance)
-            for q, summary in res.items():
+            by_start, by_end = (_quartile_changes(values["margin"][at], ids, values[col][b], values[col][t], draws[obj], 0.0,
+                                                  tie_tolerance) for at in (b, t))
+            for q, summary in by_start.items():
                 out[("change", obj, t, col, q)] = summary["delta_mean"]
+            if len(ids) >= len(P.QUARTILES):
+                for e, value in _redistribution_evidence(by_start, by_end).items():
+                    out[("redistribution", obj, t, col, e)] = value
     return out
 
 
 def baseline_stage(stages: list[str], objective: str, t: int) -> int:
-    """The last stage before t that trained `objective`, or 0 (the base model)."""
+    """The stage a verdict of `objective` after stage t is measured against (`reading` says what it measures).
+
+    A stage that trains the objective is measured against the stage just before it: what that stage
+    taught, kept apart from the transfer that reached the objective earlier (the verdict at t - 1,
+    against the base, holds that). Otherwise the last stage before t that trained it (what is left of
+    its training), or 0, the base model, when none has yet (transfer).
+    """
+    if stages[t] == objective:
+        return t - 1
     return max([k for k in range(1, t) if stages[k] == objective], default=0)
+
+
+def reading(stages: list[str], objective: str, t: int) -> str:
+    """What the verdict of `objective` after stage t measures: "learning" (stage t trained it, against
+    t - 1), "retention" (against its last training stage), or "transfer" (against the base, not yet trained)."""
+    if stages[t] == objective:
+        return "learning"
+    return "retention" if baseline_stage(stages, objective, t) else "transfer"
 
 
 def bootstrap(pairs: pd.DataFrame, matrix: dict, *, n_boot: int, seed: int, stay_threshold: float = 0.1,
@@ -196,16 +222,56 @@ def pool(boots: list[Bootstrap]) -> Bootstrap | None:
     return out
 
 
-def decide(change: tuple[float, float], quartiles: dict[str, tuple[float, float]]) -> tuple[str, list[str], list[str]]:
+def _moved(quartiles: dict[str, tuple[float, float]]) -> tuple[list[str], list[str]]:
+    """(quartiles whose interval of mean change lies above 0, those below 0), in quartile order."""
+    return [q for q, (a, _) in quartiles.items() if a > 0], [q for q, (_, b) in quartiles.items() if b < 0]
+
+
+def _redistribution_evidence(by_start: dict[str, dict], by_end: dict[str, dict]) -> dict[str, Any]:
+    """The three contrasts `redistribution` reads, from pairs.summarize_change per quartile of the margin
+    at the baseline stage (`by_start`) and at the stage judged (`by_end`)."""
+    return {"by_start": by_start["Q1"]["delta_mean"] - by_start["Q4"]["delta_mean"],
+            "by_end": by_end["Q1"]["delta_mean"] - by_end["Q4"]["delta_mean"],
+            "crossing": by_start["Q1"]["after_mean"] - by_start["Q4"]["after_mean"]}
+
+
+def redistribution(evidence: dict[str, tuple[float, float]]) -> list[str]:
+    """How the pairs moved by confidence beyond regression to the mean ([] = not beyond it).
+
+    `evidence`: intervals of the change b -> t of Q1 minus that of Q4, with quartiles of the margin at b
+    (`by_start`) and at t (`by_end`), and of the value at t of Q1 minus Q4 of the margin at b (`crossing`).
+    Any part of a pair's margin at b that later stages do not keep (evaluation and training noise alike)
+    pushes `by_start` up (Q1 rises, Q4 falls: regression to the mean, with no redistribution at all),
+    pushes `by_end` down (the pairs that end highest are those that rose), and cannot make Q1 of b end
+    above Q4 of b. Against pure noise, whatever its size at b and at t, a change is therefore beyond
+    regression to the mean only as
+        compression  by_start > 0 and by_end > 0: the spread of the margins shrank by more than the noise
+                     at t can explain (the paper's "Q4 down, Q1 up")
+        expansion    by_start < 0 and by_end < 0: the confident pairs gained against the noise
+        crossing     crossing > 0: the pairs least confident after b now beat the most confident
+    each read off its interval. Pure noise fires none of them beyond the interval's error rate. The price:
+    a compression smaller than the noise at t is not called (two stages' margins cannot tell it from
+    regression to the mean). Quartiles cross-fitted on random halves of the pairs would not help: each
+    pair's quartile and its change would still share that pair's own noise at b.
+    """
+    if not evidence:
+        return []
+    (start_lo, start_hi), (end_lo, end_hi) = evidence["by_start"], evidence["by_end"]
+    fired = {"compression": start_lo > 0 and end_lo > 0, "expansion": start_hi < 0 and end_hi < 0,
+             "crossing": evidence["crossing"][0] > 0}
+    return [name for name, hit in fired.items() if hit]
+
+
+def decide(change: tuple[float, float], quartiles: dict[str, tuple[float, float]],
+           evidence: dict[str, tuple[float, float]] | None = None) -> tuple[str, list[str], list[str]]:
     """(verdict, quartiles whose change is above 0, quartiles below 0) from intervals (module docstring)."""
     lo, hi = change
-    up = [q for q, (a, _) in quartiles.items() if a > 0]
-    down = [q for q, (_, b) in quartiles.items() if b < 0]
+    up, down = _moved(quartiles)
     if hi < 0:
         return "degraded", up, down
     if lo > 0:
         return "improved", up, down
-    return ("redistributed" if up and down else "stable"), up, down
+    return ("redistributed" if up and down and redistribution(evidence or {}) else "stable"), up, down
 
 
 def verdicts(boot: Bootstrap, level: float = LEVEL) -> list[dict[str, Any]]:
@@ -219,10 +285,14 @@ def verdicts(boot: Bootstrap, level: float = LEVEL) -> list[dict[str, Any]]:
             iv = boot.interval(key, level)
             quart = {q: tuple(boot.interval(("change", obj, t, col, q), level)) for q in P.QUARTILES
                      if ("change", obj, t, col, q) in boot.reps}
-            verdict, up, down = decide(tuple(iv), quart)
+            evidence = {e: tuple(boot.interval(("redistribution", obj, t, col, e), level)) for e in REDISTRIBUTION_EVIDENCE
+                        if ("redistribution", obj, t, col, e) in boot.reps}
+            verdict, up, down = decide(tuple(iv), quart, evidence)
             rows.append({"objective": obj, "stage": t, "stage_objective": boot.stages[t], "baseline_stage": b,
+                         "reading": reading(boot.stages, obj, t),
                          "column": col, "change": _num(boot.point[key]), "interval": _pair(iv), "verdict": verdict,
-                         "quartiles_up": up, "quartiles_down": down})
+                         "quartiles_up": up, "quartiles_down": down,
+                         "redistribution": redistribution(evidence) if verdict == "redistributed" else []})
     return rows
 
 

@@ -164,8 +164,8 @@ def _jobs_section(doc: Doc, group: list[Job], title: str, name: str, out: Path) 
     if len(diag):
         doc.h(5, "Gradient cosine, update alignment and adapter movement per stage")
         keep = [c for c in ("order", "stage", "stage_objective", "other_objective", "other_trained_before", "grad_cosine",
-                            "grad_cosine_low", "grad_cosine_high", "noise_floor_own", "noise_floor_other",
-                            "grad_cosine_corrected", "grad_cosine_last_step", "update_cos_neg_grad", "own_update_cos_neg_grad", "movement_raw_norm",
+                            "grad_cosine_low", "grad_cosine_high", "reliability_own", "reliability_other",
+                            "grad_cosine_corrected", "grad_cosine_corrected_note", "grad_cosine_last_step", "update_cos_neg_grad", "own_update_cos_neg_grad", "movement_raw_norm",
                             "movement_effective_norm", "movement_cos_stage_1_effective", "offprompt_d_logp_tok_other")
                 if c in diag.columns]
         doc.table(diag[keep])

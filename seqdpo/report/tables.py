@@ -8,9 +8,12 @@ from typing import Any
 
 import pandas as pd
 
+from seqdpo.analysis.gradient_probes import CLIPPED, UNRELIABLE
 from seqdpo.evaluation import MATRIX_METRICS
 from seqdpo.report.jobs import Job
 
+CORRECTED_NOTES = {UNRELIABLE: "unreliable at this probe size: raise diagnostics.probe_pairs",
+                   CLIPPED: "clipped to +-1 (the reliabilities are noisy)"}
 QUARTILE_STATS = ("frac_improved", "frac_stayed", "frac_degraded", "delta_mean")
 
 
@@ -119,10 +122,11 @@ def diagnostics_table(jobs: list[Job]) -> pd.DataFrame:
                                 "grad_cosine": gc.get("total"), "update_cos_neg_grad": ua.get("cos_update_neg_grad"),
                                 "update_first_order_loss_change": ua.get("first_order_loss_change"),
                                 "offprompt_d_logp_tok_other": disp.get("d_logp_tok")})
-                    floors = gc.get("noise_floor") or {}
+                    rel = gc.get("reliability") or {}
                     row.update({"grad_cosine_low": gc.get("ci_low"), "grad_cosine_high": gc.get("ci_high"),
                                 "grad_cosine_corrected": gc.get("corrected"),
-                                "noise_floor_own": floors.get(own), "noise_floor_other": floors.get(other)})
+                                "grad_cosine_corrected_note": CORRECTED_NOTES.get(gc.get("corrected_status"), ""),
+                                "reliability_own": rel.get(own), "reliability_other": rel.get(other)})
                     trace = d.get("grad_cosine_trace") or []
                     if trace:
                         last = trace[-1]["grad_cosine"].get(f"{d.get('objective')}__{other}") or {}
@@ -172,7 +176,10 @@ def transfer_side_by_side(jobs: list[Job]) -> pd.DataFrame:
             row = {"order": job.factors["order"], "metric": metric,
                    **{q: iv(t[q], "_all", q) for q in ("BWT", "FWT", "ACC")}}
             for obj, per in t["per_objective"].items():
-                row[f"learning {obj}"] = iv(per.get("learning"), obj, "learning")
+                # learning and the forward transfer before it apart: a stage that only undoes what the
+                # earlier stages did to its objective reads flat against the base
+                row[f"learning {obj} (its stage vs the one before)"] = iv(per.get("learning"), obj, "learning")
+                row[f"forward {obj} (before its stage vs base)"] = iv(per.get("forward"), obj, "forward")
                 row[f"forgetting {obj}"] = iv(per.get("forgetting"), obj, "forgetting")
             rows.append(row)
     return pd.DataFrame(rows)
@@ -213,10 +220,10 @@ def verdicts_table(jobs: list[Job]) -> pd.DataFrame:
     rows = []
     for job in jobs:
         for v in verdicts(job.boot) if job.boot is not None else []:
-            rows.append({**base_row(job), **{k: v[k] for k in ("objective", "stage", "stage_objective", "baseline_stage", "column",
+            rows.append({**base_row(job), **{k: v[k] for k in ("objective", "stage", "stage_objective", "baseline_stage", "reading", "column",
                                                                   "change", "verdict")},
                          "lo": v["interval"][0], "hi": v["interval"][1], "quartiles_up": ",".join(v["quartiles_up"]),
-                         "quartiles_down": ",".join(v["quartiles_down"])})
+                         "quartiles_down": ",".join(v["quartiles_down"]), "redistribution": ",".join(v["redistribution"])})
     return pd.DataFrame(rows)
 
 
@@ -229,7 +236,7 @@ def verdicts_side_by_side(jobs: list[Job], column: str) -> pd.DataFrame:
     rows = {}
     for r in table.itertuples(index=False):
         row = rows.setdefault((r.objective, r.stage), {"objective": r.objective, "after stage": r.stage})
-        moved = f" (up {r.quartiles_up}; down {r.quartiles_down})" if r.verdict == "redistributed" else ""
-        row[f"{r.order}: vs stage"] = r.baseline_stage
+        moved = f" ({r.redistribution}: up {r.quartiles_up}; down {r.quartiles_down})" if r.verdict == "redistributed" else ""
+        row[f"{r.order}: vs stage"] = f"{r.baseline_stage} ({r.reading})"
         row[f"{r.order}"] = f"{r.verdict}: {estimate(r.change, r.lo, r.hi)}{moved}"
     return pd.DataFrame(list(rows.values()))
