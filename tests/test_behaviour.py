@@ -127,6 +127,26 @@ def test_win_rate_intervals_stay_wide_at_0_and_1():
     assert value == 1.0 and lo < 0.81 and hi == 1.0
 
 
+def test_report_gives_behaviour_seed_means_with_t_intervals():
+    from pathlib import Path
+
+    from seqdpo.analysis.intervals import t_quantile
+    from seqdpo.report.behaviour import behaviour_across_seeds
+    from seqdpo.report.jobs import Job
+
+    def job(seed, delta, state="done"):
+        b = {"stages": ["base", "polite"], "objectives": ["polite"],
+             "metrics": {"score_delta": [[0.0], [delta]], "well_formed": [[0.9], [0.8]]}}
+        return Job(Path("."), f"s{seed}", {"state": state}, {}, {"order": "ab", "seed": seed}, matrix={"behaviour": b})
+
+    table = behaviour_across_seeds([job(0, 0.1), job(1, 0.2), job(2, 0.3), job(3, 9.0, state="interrupted")])
+    row = table[(table.stage == 1)].iloc[0]
+    half = t_quantile(0.975, 2) * 0.1 / np.sqrt(3)
+    assert row["seeds"] == 3 and row["score_delta"] == f"{0.2:.3g} [{0.2 - half:.3g}, {0.2 + half:.3g}]"
+    assert row["well_formed"] == "0.8 [0.8, 0.8]"
+    assert behaviour_across_seeds([job(0, 0.1)]).empty  # one seed: no interval across seeds
+
+
 @pytest.mark.slow
 def test_warm_start_generates_the_worlds_format_and_is_cached(warm_base, warm_cache):
     cfg, model, tok = warm_base

@@ -18,7 +18,6 @@ from seqdpo.report.doc import Doc
 from seqdpo.report.grouping import job_label
 from seqdpo.report.jobs import Job
 from seqdpo.report.plots import _plt, _save
-from seqdpo.report.seeds import by_order
 from seqdpo.report.tables import estimate
 
 SAMPLES_SHOWN = 2  # generations per stage and objective in the summary
@@ -159,9 +158,12 @@ def behaviour_section(doc: Doc, group: list[Job], title: str, name: str, out: Pa
 
 def behaviour_across_seeds(group: list[Job]) -> pd.DataFrame:
     """Per order, stage and objective: each behaviour metric's seed mean [95% t-interval across seeds]."""
+    by_order: dict[str, list[Job]] = {}
+    for job in sorted(with_behaviour(group), key=lambda j: str(j.factors["seed"])):
+        if job.state == "done":  # a partial job has fewer stages
+            by_order.setdefault(str(job.factors["order"]), []).append(job)
     rows = []
-    for order, jobs in by_order(group).items():
-        jobs = with_behaviour(jobs)
+    for order, jobs in sorted(by_order.items()):
         if len(jobs) < 2:
             continue
         first = jobs[0].matrix["behaviour"]
