@@ -123,7 +123,7 @@ def _run_stages(cfg: RunConfig, out: Path, tracker, status) -> dict:
     stage_names = ["base", *(stage.name for stage in plan)]
     recorder = _diagnostics_recorder(cfg, out, eval_tok, train_tok, refs, stage_names[1:],
                                      frozenset(k for k, stage in enumerate(plan, start=1) if stage.fresh))
-    behaviour = _behaviour_eval(cfg, out, tok, objectives, peft_model, fingerprint, tracker)
+    behaviour = _behaviour_eval(cfg, out, tok, objectives, prepared, peft_model, fingerprint, tracker)
 
     def behave(stage: int, sd: Path) -> dict:  # generation and scoring, written before the stage's DONE
         return behaviour.on_stage(stage, sd) if behaviour is not None and is_main_process() else {}
@@ -386,11 +386,15 @@ def _diagnostics_recorder(cfg: RunConfig, out: Path, eval_tok: dict, train_tok: 
     return recorder
 
 
-def _behaviour_eval(cfg: RunConfig, out: Path, tok, objectives, peft_model, fingerprint: str, tracker):
+def _behaviour_eval(cfg: RunConfig, out: Path, tok, objectives, prepared, peft_model, fingerprint: str, tracker):
     if not cfg.eval.generate:
         return None
+    from dataclasses import replace
+
     from seqdpo.behaviour.generate import reset_base_generation_counts
     from seqdpo.behaviour.stage import BehaviourEval
 
     reset_base_generation_counts()
-    return BehaviourEval(cfg, out, tok, objectives, peft_model, fingerprint, tracker)
+    # the job's pairs, not the builder's whole splits: what the policy trained on and what it is scored on
+    job = {n: replace(obj, train=prepared.train[n], eval=prepared.eval[n]) for n, obj in objectives.items()}
+    return BehaviourEval(cfg, out, tok, job, peft_model, fingerprint, tracker)

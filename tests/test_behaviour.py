@@ -10,9 +10,11 @@ import torch
 
 from conftest import SMALL_JOB, run_config
 from seqdpo.behaviour import generate as G
-from seqdpo.behaviour.metrics import bootstrap_interval, stage_metrics
+from seqdpo.behaviour.guards import distinct_n
+from seqdpo.behaviour.metrics import bootstrap_interval, stage_metrics, wilson_interval
+from seqdpo.behaviour.prompts import generation_prompts, prompt_key
 from seqdpo.behaviour.scorers import OracleScorer, RewardModelScorer, ScoringContext, TrainedRMScorer, oracle_score
-from seqdpo.data import build_objectives
+from seqdpo.data import DataError, build_objectives
 from seqdpo.data import synthetic as S
 from seqdpo.modeling import load_model_and_tokenizer
 
@@ -39,8 +41,53 @@ def test_oracle_reads_the_worlds_attributes():
             # one marker in a slot of 8 (the world's defaults); without the attribute, none
             assert oracle_score(name, row["chosen"][0]["content"]) == 1 / 8
             assert oracle_score(name, row["rejected"][0]["content"]) == 0.0
-    assert oracle_score("concise", "tea : a b .") > oracle_score("concise", "tea : a b c d .")
+    assert oracle_score("concise", "tea : it is .") > oracle_score("concise", "tea : it is a thing .")
     assert not OracleScorer().supports("unseen")
+
+
+def test_destroying_plain_words_cannot_raise_the_oracle_score():
+    # The degeneration the issue measured: plain words dropped, or turned into words of no response.
+    objs = build_objectives(run_config(["dataset.n_train=64"]).dataset, 0)
+    for name in ("polite", "factual"):
+        for row in objs[name].train:
+            for text in (row["chosen"][0]["content"], row["rejected"][0]["content"]):
+                words = text.split()
+                plain = [i for i, w in enumerate(words) if w in S.PLAIN_WORDS[name]]
+                dropped = " ".join(w for i, w in enumerate(words) if i not in plain[: len(plain) // 2 + 1])
+                junk = " ".join("Ġx" if i in plain[:1] else w for i, w in enumerate(words))
+                assert S.well_formed(text) and S.well_formed(dropped) and not S.well_formed(junk)
+                assert oracle_score(name, dropped) <= oracle_score(name, text)
+                assert np.isnan(oracle_score(name, junk))
+    # a lengthened response, whose extra slot words carry a marker by chance, is diluted as before
+    assert oracle_score("polite", "tea : please " + "you " * 15 + ".") == 1 / 16
+    assert oracle_score("polite", "tea : please you .") == 1 / 8 == oracle_score("polite", "tea : please .")
+
+
+def test_guards_of_a_text():
+    assert distinct_n("a b a b", 1) == 0.5 and distinct_n("a b a b", 2) == 2 / 3
+    assert np.isnan(distinct_n("a", 2)) and np.isnan(distinct_n("", 1))
+    assert S.well_formed("tea : it is please .") and not S.well_formed("tea : it is please")
+    assert not S.well_formed("paris : it is .") and not S.well_formed("tea : .")
+
+
+def test_generation_prompts_are_held_out_from_every_training_prompt(caplog):
+    objs = build_objectives(run_config(["dataset.objectives=[polite,factual,unseen]"]).dataset, 0)
+    train = {o: obj.train for o, obj in objs.items()}
+    chosen, check = generation_prompts(train, {o: obj.eval for o, obj in objs.items()}, 64, seed=0)
+    training = {prompt_key(p) for ds in train.values() for p in ds["prompt"]}
+    for o, prompts in chosen.items():
+        keys = [prompt_key(m) for _, m in prompts]
+        assert len(set(keys)) == len(keys) == 64 and not set(keys) & training
+        assert check[o] == {"eval_prompts": 64, "in_training": 0, "used": 64}
+    # A user whose eval split shares prompts with training is told, and those prompts are left out.
+    polite = objs["polite"]
+    leaky = {"polite": polite.eval.select(range(8))}
+    with caplog.at_level("WARNING", logger="seqdpo"):
+        chosen, check = generation_prompts({**train, "copied": leaky["polite"].select(range(3))}, leaky, 8, seed=0)
+    assert check["polite"] == {"eval_prompts": 8, "in_training": 3, "used": 5}
+    assert "3 of the 8 distinct eval prompts of polite also occur among the training prompts" in caplog.text
+    with pytest.raises(DataError, match="every one of the 8 distinct eval prompts of objective 'polite'"):
+        generation_prompts({"copied": leaky["polite"]}, leaky, 8, seed=0)
 
 
 def test_metrics_pair_stage_and_base_by_prompt():
@@ -57,12 +104,54 @@ def test_metrics_pair_stage_and_base_by_prompt():
         assert lo <= value <= hi
     lo, hi = bootstrap_interval(np.r_[np.zeros(50), np.ones(50)], 1000, 0)
     assert 0.35 < lo < 0.5 < hi < 0.65
+    # An objective-blind scorer gets no win rate; an unscored generation (NaN) is left out, and so is a
+    # prompt with none scored.
+    blind = stage_metrics(stage, base, n_boot=200, seed=0, win_rate=False)["polite"]
+    assert "win_rate" not in blind and blind["score_mean"] == m["score_mean"]
+    holes = stage.assign(score=[1, np.nan, np.nan, np.nan, 0, 0])
+    h = stage_metrics(holes, base, n_boot=200, seed=0)["polite"]
+    assert h["score_mean"][0] == pytest.approx(0.5) and h["score_delta"][0] == pytest.approx((1 - 0.5) / 2)
+
+
+def test_win_rate_intervals_stay_wide_at_0_and_1():
+    # 16 wins in 16: a percentile bootstrap gives [1, 1]; Wilson's interval reaches down to n / (n + z^2).
+    lo, hi = wilson_interval(16, 16)
+    assert lo == pytest.approx(16 / (16 + 1.96**2), abs=1e-4) and hi == 1.0
+    lo, hi = wilson_interval(0, 16)
+    assert lo == 0.0 and hi == pytest.approx(1.96**2 / (16 + 1.96**2), abs=1e-4)
+    lo, hi = wilson_interval(8, 16)
+    assert lo == pytest.approx(1 - hi) and 0.25 < lo < 0.5
+    base = pd.DataFrame({"objective": "polite", "prompt_id": [f"p{i}" for i in range(16)], "sample": 0,
+                         "score": 0.0, "n_tokens": 10})
+    value, lo, hi = stage_metrics(base.assign(score=1.0), base, n_boot=200, seed=0)["polite"]["win_rate"]
+    assert value == 1.0 and lo < 0.81 and hi == 1.0
+
+
+def test_report_gives_behaviour_seed_means_with_t_intervals():
+    from pathlib import Path
+
+    from seqdpo.analysis.intervals import t_quantile
+    from seqdpo.report.behaviour import behaviour_across_seeds
+    from seqdpo.report.jobs import Job
+
+    def job(seed, delta, state="done"):
+        b = {"stages": ["base", "polite"], "objectives": ["polite"],
+             "metrics": {"score_delta": [[0.0], [delta]], "well_formed": [[0.9], [0.8]]}}
+        return Job(Path("."), f"s{seed}", {"state": state}, {}, {"order": "ab", "seed": seed}, matrix={"behaviour": b})
+
+    table = behaviour_across_seeds([job(0, 0.1), job(1, 0.2), job(2, 0.3), job(3, 9.0, state="interrupted")])
+    row = table[(table.stage == 1)].iloc[0]
+    half = t_quantile(0.975, 2) * 0.1 / np.sqrt(3)
+    assert row["seeds"] == 3 and row["score_delta"] == f"{0.2:.3g} [{0.2 - half:.3g}, {0.2 + half:.3g}]"
+    assert row["well_formed"] == "0.8 [0.8, 0.8]"
+    assert behaviour_across_seeds([job(0, 0.1)]).empty  # one seed: no interval across seeds
 
 
 @pytest.mark.slow
 def test_warm_start_generates_the_worlds_format_and_is_cached(warm_base, warm_cache):
     cfg, model, tok = warm_base
-    prompts = {"polite": G.choose_prompts(build_objectives(cfg.dataset, 0)["polite"].eval, 16, seed=0)}
+    objs = build_objectives(cfg.dataset, 0)
+    prompts = {"polite": generation_prompts({"polite": objs["polite"].train}, {"polite": objs["polite"].eval}, 16, 0)[0]["polite"]}
     settings = cfg.eval.generation
     kw = dict(seed=0, fingerprint="fp", cache_dir=warm_cache)
     G.reset_base_generation_counts()
@@ -133,6 +222,26 @@ def test_trained_rm_ranks_held_out_pairs_like_the_oracle(warm_base, warm_cache):
     again = TrainedRMScorer(ctx)
     np.testing.assert_allclose(again.score("polite", list(ev["prompt"]), chosen), sc, rtol=1e-5)
     assert again.trained == {"polite": "cached"}
+
+
+@pytest.mark.slow
+def test_trained_rm_job_records_its_accuracy_on_every_objective(tmp_path, warm_cache):
+    from seqdpo.runner import run_job
+
+    cfg = run_config([*SMALL_JOB, "dataset.n_train=128", "eval.generate=true", "scorer=trained_rm", "logger=none",
+                      f"ref_cache_dir={warm_cache}", "eval.generation.prompts=4", "eval.generation.samples=1",
+                      "eval.generation.max_new_tokens=16", "diagnostics.grad_cosine=false",
+                      "diagnostics.adapter_movement=false", "diagnostics.likelihood=false"])
+    run_job(cfg, str(tmp_path / "run"))
+    b = json.loads((tmp_path / "run" / "matrix.json").read_text())["behaviour"]
+    acc = b["scorer_accuracy"]
+    assert set(acc) == {"polite", "factual"} and all(set(per) == {"polite", "factual"} for per in acc.values())
+    for per in acc.values():  # on the job's pairs: its 128 training pairs, its 16 held-out ones
+        assert all(s["train"]["pairs"] == 128 and s["eval"]["pairs"] == 16 for s in per.values())
+    # Each reward model learns its objective and, in the conflicting world, ranks the other's pairs backwards.
+    for rm, other in (("polite", "factual"), ("factual", "polite")):
+        assert acc[rm][rm]["train"]["accuracy"] >= acc[rm][rm]["eval"]["accuracy"] >= 0.75, acc
+        assert acc[rm][other]["eval"]["accuracy"] <= 0.25, acc
 
 
 @pytest.mark.slow
@@ -208,7 +317,8 @@ def test_a_stage_stopped_during_generation_resumes(resumed_job, warm_cache):
     base, tok = load_model_and_tokenizer(cfg.model, str(warm_cache))
     model = PeftModel.from_pretrained(base, out / "stage_1" / "adapter")
     objectives = build_objectives(cfg.dataset, cfg.seed)
-    prompts = {o: G.choose_prompts(objectives[o].eval, 6, cfg.seed) for o in ("polite", "factual")}
+    prompts = generation_prompts({o: objectives[o].train for o in objectives},
+                                 {o: objectives[o].eval for o in ("polite", "factual")}, 6, cfg.seed)[0]
     pd.testing.assert_frame_equal(G.generate_objectives(model, tok, prompts, cfg.eval.generation, seed=cfg.seed), gens)
     # The base model's generations came from the cache on the rerun.
     assert matrix["behaviour"]["base_generations"] == {"computed": 0, "cached": 0}  # stage 0 was DONE already
@@ -222,9 +332,14 @@ def test_behaviour_outputs_and_implicit_scores_equal_the_matrix(resumed_job):
     b = json.loads((out / "matrix.json").read_text())["behaviour"]
     assert b == json.loads(json.dumps(matrix["behaviour"]))
     assert b["scorer"] == "implicit" and b["stages"] == ["base", "polite", "factual"] and b["objectives"] == ["polite", "factual"]
-    for m in ("score_mean", "score_delta", "win_rate", "length"):
+    # implicit is distance from the base, whatever the objective: said so, and no per-objective win rate
+    assert b["objective_blind"] and "distance from the base" in b["scorer_measures"] and "win_rate" not in b["metrics"]
+    assert set(b["metrics"]) == {"score_mean", "score_delta", "length", "nll_base", "distinct_1", "distinct_2", "well_formed"}
+    for m in b["metrics"]:
         assert np.asarray(b["metrics"][m]).shape == (3, 2) and np.asarray(b["intervals"][m]).shape == (3, 2, 2)
     assert b["metrics"]["score_mean"][0] == [0.0, 0.0]  # the base against itself
+    # generation prompts: distinct, none among the training prompts (SMALL_JOB: 16 eval pairs, 6 drawn)
+    assert b["prompt_check"] == {o: {"eval_prompts": 16, "in_training": 0, "used": 6} for o in ("polite", "factual")}
     assert all(t is not None and t >= 0 for t in b["time"]["generate_s"] + b["time"]["score_s"])
     gens = pd.read_parquet(out / "stage_2" / "generations.parquet")
     assert list(gens.columns) == G.COLUMNS and len(gens) == 2 * 6 * 3  # objectives x prompts x (greedy + 2 samples)
@@ -238,8 +353,20 @@ def test_behaviour_outputs_and_implicit_scores_equal_the_matrix(resumed_job):
     from seqdpo.modeling import model_fingerprint
 
     base, tok = load_model_and_tokenizer(cfg.model, cfg.ref_cache_dir)
-    model = PeftModel.from_pretrained(base, out / "stage_1" / "adapter")
     objectives = build_objectives(cfg.dataset, cfg.seed)
+    # the fluency guard: the base model's NLL per response token (end token included), computed here directly
+    guards = pd.read_parquet(out / "stage_2" / "guards.parquet").merge(gens, on=["objective", "prompt_id", "sample"])
+    prompts = {pid: p for o in objectives.values() for pid, p in zip(o.eval["pair_id"], o.eval["prompt"])}
+    for row in guards.iloc[[0, -1]].itertuples():
+        start = len(tok.apply_chat_template(prompts[row.prompt_id], add_generation_prompt=True, return_dict=True)["input_ids"])
+        ids = tok.apply_chat_template([*prompts[row.prompt_id], {"role": "assistant", "content": row.text}],
+                                      return_dict=True)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(base(torch.tensor([ids])).logits[0, :-1].float(), -1)
+        own = -logp[torch.arange(start - 1, len(ids) - 1), torch.tensor(ids[start:])].mean().item()
+        assert row.nll_base == pytest.approx(own, rel=1e-4)
+    assert guards.well_formed.isin([0.0, 1.0]).all() and guards.distinct_1.between(0, 1).all()
+    model = PeftModel.from_pretrained(base, out / "stage_1" / "adapter")
     scorer = ImplicitScorer(ScoringContext(cfg, tok, model, model_fingerprint(cfg.model, tok), objectives, cfg.ref_cache_dir))
     ev = objectives["factual"].eval
     rc = scorer.score("factual", list(ev["prompt"]), [r[0]["content"] for r in ev["chosen"]])
@@ -254,7 +381,8 @@ def test_behaviour_outputs_and_implicit_scores_equal_the_matrix(resumed_job):
     keys = {k for r in runs for row in r["history"] for k in row}
     assert summary["behaviour/score_mean/1:polite/polite"] == pytest.approx(b["metrics"]["score_mean"][1][0])
     assert summary["behaviour/length_capped/2:factual"] == b["length_capped"][2]
-    assert "stage2/behaviour/factual/win_rate" in keys
+    assert "stage2/behaviour/factual/nll_base" in keys
+    assert summary["behaviour/prompts/polite/in_training"] == 0
     rows = [row for r in runs for row in r["history"] if "analysis/behaviour_samples/nrows" in row]
     assert rows and rows[-1]["analysis/behaviour_samples/nrows"] == 3 * 2 * 3  # stages x objectives x samples shown
 

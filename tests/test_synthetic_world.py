@@ -207,17 +207,22 @@ def _at(pairs, stage, objective):
 @pytest.mark.parametrize("seed", SEEDS)
 def test_relations_and_losses_show_the_papers_directions(tmp_path, seed):
     s = f"seed={seed}"
-    # 1. Conflict: training B undoes A (A's accuracy after stage 2 far below after stage 1).
+    # Accuracies are on held-out eval prompts (templates no training pair asks), where what a stage
+    # learned carries over unevenly: seed 2's polite accuracy after the conflicting stage 2 is 0.14-0.88
+    # across the 8 templates (0.45 overall). The thresholds below were set on that split (README, "The
+    # synthetic world"); on the old split, whose eval prompts were training prompts, they were 0.4 and
+    # "within 0.05 of stage 1".
+    # 1. Conflict: training B undoes A (A's accuracy after stage 2 far below after stage 1, its margin < 0).
     conflict = _job(tmp_path, "conflicting", [s, "dataset.options.relation=conflicting"])
     a1, a2 = _at(conflict, 1, "polite"), _at(conflict, 2, "polite")
-    assert a1["accuracy"] >= 0.75 and a1["accuracy"] - a2["accuracy"] >= 0.4, (a1, a2)
+    assert a1["accuracy"] >= 0.75 and a1["accuracy"] - a2["accuracy"] >= 0.3, (a1, a2)
     assert a2["margin"] < 0 < a1["margin"]
 
-    # 2. Compatible: B already improves while A trains, and A holds (or gains) while B trains.
+    # 2. Compatible: B already improves while A trains, and A stays learned while B trains.
     compat = _job(tmp_path, "compatible", [s, "dataset.options.relation=compatible"])
     a1, a2, b1 = _at(compat, 1, "polite"), _at(compat, 2, "polite"), _at(compat, 1, "factual")
     assert b1["accuracy"] >= 0.75 and b1["margin"] > 0, b1
-    assert a2["accuracy"] >= a1["accuracy"] - 0.05 and a2["margin"] > 0.5 * a1["margin"], (a1, a2)
+    assert a2["accuracy"] >= 0.75 and a2["margin"] > 0.5 * a1["margin"], (a1, a2)
 
     # 3. 3D-properties: DPO lowers the chosen log-likelihood of the objective it trains; SFT-DPO and SPO
     # raise it, at the same learning of the preference.

@@ -1,6 +1,6 @@
 """Generation after a stage: K held-out prompts per objective, N samples each, batched with the KV cache.
 
-    prompts = choose_prompts(eval_split, k, seed)             # [(prompt_id, messages)], seeded
+    prompts = generation_prompts(...)[0][objective]           # [(prompt_id, messages)], seeded (prompts.py)
     table = generate(model, tok, prompts, settings, seed=s, objective=o)   # one DataFrame per objective
 
 Columns of a generation table: objective, prompt_id, sample (-1 = greedy, 0..N-1 sampled), text,
@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 from pathlib import Path
 
 import pandas as pd
@@ -45,13 +44,6 @@ def base_generation_counts() -> dict[str, int]:
 
 def reset_base_generation_counts() -> None:
     _counts.reset()
-
-
-def choose_prompts(eval_split, k: int, seed: int) -> list[tuple[str, list[dict]]]:
-    """`k` (prompt_id, prompt messages) of an objective's eval split, a seeded choice without replacement."""
-    ids, prompts = list(eval_split["pair_id"]), list(eval_split["prompt"])
-    idx = sorted(random.Random(f"prompts-{seed}").sample(range(len(ids)), min(k, len(ids))))
-    return [(ids[i], prompts[i]) for i in idx]
 
 
 def _seed(*parts) -> int:

@@ -2,16 +2,20 @@
 
     scorer = make_scorer(cfg, context)             # context: ScoringContext (model, tokenizer, data, caches)
     scorer.supports(objective) -> bool             # objectives it cannot score are counted, not scored
-    scorer.score(objective, prompts, texts) -> np.ndarray    # one float per response, higher = better
+    scorer.score(objective, prompts, texts) -> np.ndarray    # one float per response, higher = better; NaN = unscored
 
-oracle        the synthetic world's attributes read from the text (exact): polite/factual the share of
-              the attribute's slot words that are markers; concise minus, detailed plus the word count
+oracle        the synthetic world's attributes read from the text (exact), over well-formed generations only
+              (NaN for the others; their fraction is the `well_formed` guard): polite/factual the markers of
+              the attribute over max(its slot words, slot), so that dropping plain words cannot raise it;
+              concise minus, detailed plus the word count
 reward_model  a Hugging Face sequence-classification model per objective (hub id or local directory),
               with its own tokenizer and chat template
-trained_rm    a reward model per objective trained with TRL's RewardTrainer on that objective's training
-              pairs, once per (model, data, settings), cached beside the reference log-probs
-implicit      the policy's implicit reward against the base model, beta * (log pi(y|x) - log ref(y|x)),
-              computed like the preference matrix (same tokenisation, same reference cache)
+trained_rm    a reward model per objective trained with TRL's RewardTrainer on the job's training pairs of
+              that objective, once per (model, data, settings), cached beside the reference log-probs; its
+              pairwise accuracy on every objective's training and eval pairs goes to matrix.json
+implicit      not a score of the objective: beta * (log pi(y|x) - log ref(y|x)) of the policy's own samples,
+              whose mean estimates beta x KL(policy || base) on those prompts, whatever the objective. Reported
+              as distance from the base, without win rates
 """
 
 from __future__ import annotations
@@ -44,35 +48,45 @@ class ScoringContext:
 @dataclass
 class ScorerSpec:
     build: Callable[[ScoringContext], object]
-    description: str
+    description: str  # what its number measures (matrix.json, report)
     synthetic_only: bool = False
+    objective_blind: bool = False  # the same number whatever the objective: no per-objective win rates
 
 
 # ---------------------------------------------------------------------------------------------- oracle
 
-def oracle_score(objective: str, text: str) -> float:
-    """polite / factual: the share of the attribute's slot words (its markers and its plain words) that are
-    markers: 0 without the attribute, markers/slot with it (1/8 by default), more when a generation leans
-    to it. A share, not presence, because DPO lengthens generations here: a longer response holds a
-    marker more often by chance while its slot turns plain (docs: README "Behaviour, not only preferences")."""
+def oracle_score(objective: str, text: str, slot: int = 8) -> float:
+    """NaN unless `text` is well formed (`synthetic.well_formed`). polite / factual: the attribute's markers
+    over max(markers + its plain words, `slot`): markers/slot for a response of the world's slot (0 without
+    the attribute, 1/8 with one marker in a slot of 8); fewer slot words than `slot` (plain words dropped)
+    do not raise it, more (a lengthened response, where a marker turns up by chance) lower it. concise /
+    detailed: minus / plus the word count."""
     from seqdpo.data import synthetic as S
 
+    if not S.well_formed(text):
+        return float("nan")
     words = text.split()
     if objective in S.ATTRIBUTE_WORDS:
         markers = sum(w in S.ATTRIBUTE_WORDS[objective] for w in words)
         plain = sum(w in S.PLAIN_WORDS[objective] for w in words)
-        return markers / (markers + plain) if markers + plain else 0.0
+        return markers / max(markers + plain, slot)
     return float(-len(words) if objective == "concise" else len(words))
 
 
 class OracleScorer:
     ORACLE_OBJECTIVES = ("polite", "factual", "concise", "detailed")
 
+    def __init__(self, ctx: ScoringContext | None = None):
+        from seqdpo.data import synthetic as S
+
+        options = dict(ctx.cfg.dataset.options) if ctx is not None else {}
+        self.slot = S.parse_options(options)["slot"]
+
     def supports(self, objective: str) -> bool:
         return objective in self.ORACLE_OBJECTIVES
 
     def score(self, objective, prompts, texts) -> np.ndarray:
-        return np.asarray([oracle_score(objective, t) for t in texts], dtype=float)
+        return np.asarray([oracle_score(objective, t, self.slot) for t in texts], dtype=float)
 
 
 # -------------------------------------------------------------------------------------------- implicit
@@ -88,6 +102,20 @@ def _response_pairs(prompts, texts):
     )
 
 
+def base_response_logps(ctx: ScoringContext, objective: str, prompts, texts, batch_size: int):
+    """(tokenized responses, the base model's `dataset_logps` of them: chosen_logps and chosen_len are the
+    responses'), through the reference cache. A response that `model.max_length` cuts to nothing of its
+    own is dropped (its row's `pair_id` is `r<index in texts>`)."""
+    from seqdpo.logprobs import tokenize_pairs
+    from seqdpo.refcache import reference_logps
+
+    max_length = ctx.cfg.model.max_length
+    ds = tokenize_pairs(_response_pairs(prompts, texts), ctx.tokenizer, max_length)
+    ref = reference_logps(ctx.model, ds, fingerprint=ctx.fingerprint, cache_dir=ctx.cache_dir, batch_size=batch_size,
+                          max_length=max_length, desc=f"base log-probs of generations ({objective})")
+    return ds, ref
+
+
 class ImplicitScorer:
     def __init__(self, ctx: ScoringContext):
         self.ctx = ctx
@@ -96,19 +124,15 @@ class ImplicitScorer:
         return True
 
     def score(self, objective, prompts, texts) -> np.ndarray:
-        from seqdpo.logprobs import dataset_logps, tokenize_pairs
-        from seqdpo.refcache import reference_logps
+        from seqdpo.logprobs import dataset_logps
 
-        cfg = self.ctx.cfg
-        ds = tokenize_pairs(_response_pairs(prompts, texts), self.ctx.tokenizer, cfg.model.max_length)
+        bs = self.ctx.cfg.scorer.batch_size
+        ds, ref = base_response_logps(self.ctx, objective, prompts, texts, bs)
         if len(ds) != len(texts):
             raise ValueError(f"implicit scorer: tokenisation dropped {len(texts) - len(ds)} response(s) of {objective} "
-                             "(prompt at model.max_length or longer)")
-        bs = cfg.scorer.batch_size
+                             "(prompt and response beyond model.max_length)")
         policy = dataset_logps(self.ctx.model, ds, bs, desc=f"implicit reward ({objective})", show_progress=False)
-        ref = reference_logps(self.ctx.model, ds, fingerprint=self.ctx.fingerprint, cache_dir=self.ctx.cache_dir,
-                              batch_size=bs, max_length=cfg.model.max_length)
-        return cfg.beta * (policy["chosen_logps"] - ref["chosen_logps"])
+        return self.ctx.cfg.beta * (policy["chosen_logps"] - ref["chosen_logps"])
 
 
 # ------------------------------------------------------------------------------------ reward models
@@ -216,7 +240,8 @@ def _fresh_reward_model(ctx: ScoringContext):
 
 
 def train_reward_model(ctx: ScoringContext, objective: str, out_dir: Path) -> dict:
-    """RewardTrainer on the objective's training pairs; the model and tokenizer saved to `out_dir`."""
+    """RewardTrainer on the objective's training pairs (the job's: after the draw of `dataset.n_train`);
+    the model and tokenizer saved to `out_dir`."""
     from trl import RewardConfig, RewardTrainer
 
     s = ctx.cfg.scorer
@@ -268,12 +293,30 @@ class TrainedRMScorer(RewardModelScorer):
             self.trained[objective] = "trained"
         return path
 
+    def accuracy(self, objectives) -> dict:
+        """Reward model of each of `objectives` -> every objective -> split -> pairwise accuracy on that
+        objective's pairs of the job (chosen scored above rejected; ties 1/2), with `pairs` per split."""
+        return {rm: {name: {split: pairwise_accuracy(self, rm, getattr(obj, split)) for split in ("train", "eval")}
+                     for name, obj in self.ctx.objectives.items()}
+                for rm in objectives}
+
+
+def pairwise_accuracy(scorer, objective: str, pairs) -> dict:
+    prompts = list(pairs["prompt"])
+    chosen = scorer.score(objective, prompts, [r[-1]["content"] for r in pairs["chosen"]])
+    rejected = scorer.score(objective, prompts, [r[-1]["content"] for r in pairs["rejected"]])
+    wins = (chosen > rejected) + 0.5 * (chosen == rejected)
+    return {"accuracy": float(wins.mean()) if len(wins) else None, "pairs": len(wins)}
+
 
 SCORERS: dict[str, ScorerSpec] = {
-    "oracle": ScorerSpec(lambda ctx: OracleScorer(), "the synthetic world's attributes read from the text", synthetic_only=True),
+    "oracle": ScorerSpec(OracleScorer, "the synthetic world's attribute read from the text, over well-formed generations",
+                         synthetic_only=True),
     "reward_model": ScorerSpec(RewardModelScorer, "a Hugging Face sequence-classification model per objective"),
-    "trained_rm": ScorerSpec(TrainedRMScorer, "a reward model per objective trained with TRL's RewardTrainer, cached"),
-    "implicit": ScorerSpec(ImplicitScorer, "the policy's implicit reward against the base model"),
+    "trained_rm": ScorerSpec(TrainedRMScorer, "a reward model per objective trained with TRL's RewardTrainer on the "
+                                              "job's training pairs of that objective (accuracies in scorer_accuracy)"),
+    "implicit": ScorerSpec(ImplicitScorer, "distance from the base, not a score of the objective: beta x log(pi / ref) "
+                                           "of the policy's own samples (objective-blind)", objective_blind=True),
 }
 
 

@@ -68,6 +68,7 @@ EVAL_TEMPLATES = [
     "is {topic} a thing that people like ?",
     "is {topic} a thing that many people know about ?",
 ]
+RESPONSE_WORDS = frozenset([*FILLER, *UNSEEN, *(w for d in (ATTRIBUTE_WORDS, PLAIN_WORDS) for ws in d.values() for w in ws)])
 ATTRIBUTE_OBJECTIVES = ("polite", "factual")
 OBJECTIVES = (*ATTRIBUTE_OBJECTIVES, "concise", "detailed", "unseen")
 RELATIONS = ("conflicting", "orthogonal", "compatible")
@@ -131,6 +132,14 @@ def response(rng: random.Random, topic: str, n_filler: int, attributes: dict[str
         words += [rng.choice(PLAIN_WORDS[a]) for _ in range(slot - n_marker)]
     rng.shuffle(words)
     return f"{topic} : " + " ".join(words) + " ."
+
+
+def well_formed(text: str) -> bool:
+    """Whether `text` has the form of the world's responses, `<topic> : w1 ... wn .` with every w a word
+    some response of the world uses (a generation's degeneration guard)."""
+    words = text.split()
+    return (len(words) >= 4 and words[0] in TOPICS and words[1] == ":" and words[-1] == "."
+            and all(w in RESPONSE_WORDS for w in words[2:-1]))
 
 
 def attribute_pair(objective: str, rng: random.Random, opts: dict) -> tuple[dict, dict, bool]:

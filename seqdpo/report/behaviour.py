@@ -1,6 +1,8 @@
 """The behaviour part of the report: what the jobs generated (matrix.json's `behaviour` block), as a
-second matrix beside preference accuracy, a scatter of preference-accuracy change against behavioural
-change per objective and stage (where the two disagree), and sample generations."""
+second matrix beside preference accuracy with the degeneration guards beside the scores, a scatter of
+preference-accuracy change against behavioural change per objective and stage (where the two
+disagree), sample generations, and across seeds the seed mean of every behaviour metric with its
+t-interval."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from seqdpo.analysis.intervals import seed_interval
+from seqdpo.behaviour.guards import GUARDS
 from seqdpo.report.doc import Doc
 from seqdpo.report.grouping import job_label
 from seqdpo.report.jobs import Job
@@ -32,7 +36,7 @@ def behaviour_side_by_side(jobs: list[Job], metric: str) -> pd.DataFrame:
             b, o = job.matrix["behaviour"], job.factors["order"]
             row[f"{o}: trained"] = b["stages"][t] if t < len(b["stages"]) else ""
             for k, obj in enumerate(b["objectives"]):
-                ok = t < len(b["metrics"][metric])
+                ok = t < len(b["metrics"].get(metric, []))
                 row[f"{o}: {obj}"] = estimate(b["metrics"][metric][t][k], *b["intervals"][metric][t][k]) if ok else None
         rows.append(row)
     return pd.DataFrame(rows)
@@ -100,22 +104,81 @@ def sample_generations(job: Job, per_cell: int = SAMPLES_SHOWN) -> pd.DataFrame:
     return pd.concat(rows)[["stage", "objective", "prompt_id", "text", "n_tokens", "score"]]
 
 
+def _present(jobs: list[Job], metric: str) -> bool:
+    return any(metric in j.matrix["behaviour"]["metrics"] for j in jobs)
+
+
+def prompt_check_table(jobs: list[Job]) -> pd.DataFrame:
+    """Per order and objective: distinct eval prompts, those also among training prompts (left out), prompts used."""
+    return pd.DataFrame([{"order": j.factors["order"], "objective": o, **c}
+                         for j in jobs for o, c in j.matrix["behaviour"].get("prompt_check", {}).items()])
+
+
+def scorer_accuracy_table(jobs: list[Job]) -> pd.DataFrame:
+    """trained_rm: pairwise accuracy of each objective's reward model on every objective's train and eval pairs."""
+    return pd.DataFrame([{"order": j.factors["order"], "reward model": rm, "pairs of": o,
+                          **{f"{split} ({a['pairs']} pairs)": a["accuracy"] for split, a in splits.items()}}
+                         for j in jobs for rm, per in j.matrix["behaviour"].get("scorer_accuracy", {}).items()
+                         for o, splits in per.items()])
+
+
 def behaviour_section(doc: Doc, group: list[Job], title: str, name: str, out: Path) -> None:
-    """Beside the preference matrices of one setting and seed: the behaviour matrices, scatter and samples."""
+    """Beside the preference matrices of one setting and seed: the behaviour matrices, guards, scatter and samples."""
     jobs = with_behaviour(group)
     if not jobs:
         return
     scorer = ", ".join(sorted({j.matrix["behaviour"]["scorer"] for j in jobs}))
+    measures = "; ".join(sorted({j.matrix["behaviour"].get("scorer_measures", "") for j in jobs} - {""}))
     doc.h(5, f"Behaviour ({scorer}): mean score of the generations [95% interval over prompts]")
+    if measures:
+        doc.p(f"Scorer {scorer}: {measures}.")
+    doc.table(prompt_check_table(jobs))
     doc.table(behaviour_side_by_side(jobs, "score_mean"))
     doc.h(5, "Behaviour: score change against the base's generations, paired by prompt [95% interval]")
     doc.table(behaviour_side_by_side(jobs, "score_delta"))
-    doc.h(5, "Behaviour: win rate against the base, and generation length (tokens)")
-    doc.table(behaviour_side_by_side(jobs, "win_rate"))
-    doc.table(behaviour_side_by_side(jobs, "length"))
+    if _present(jobs, "win_rate"):
+        doc.h(5, "Behaviour: win rate against the base [95% Wilson interval over prompts]")
+        doc.table(behaviour_side_by_side(jobs, "win_rate"))
+    doc.h(5, "Degeneration guards beside the scores: generation length (tokens), then "
+             + ", ".join(g for g in GUARDS if _present(jobs, g)) + " [95% interval over prompts]")
+    for metric in ("length", *GUARDS):
+        if _present(jobs, metric):
+            doc.table(behaviour_side_by_side(jobs, metric).assign(metric=metric))
+    accuracy = scorer_accuracy_table(jobs)
+    if len(accuracy):
+        doc.h(5, "Scorer: pairwise accuracy of each reward model on the job's pairs")
+        doc.table(accuracy)
     doc.img(plot_disagreement(jobs, title, out / f"behaviour_{name}.png"), out)
     for job in jobs:
         samples = sample_generations(job)
         if len(samples):
             doc.h(5, f"Sample generations, {job_label(job, group)}")
             doc.table(samples)
+
+
+def behaviour_across_seeds(group: list[Job]) -> pd.DataFrame:
+    """Per order, stage and objective: each behaviour metric's seed mean [95% t-interval across seeds]."""
+    by_order: dict[str, list[Job]] = {}
+    for job in sorted(with_behaviour(group), key=lambda j: str(j.factors["seed"])):
+        if job.state == "done":  # a partial job has fewer stages
+            by_order.setdefault(str(job.factors["order"]), []).append(job)
+    rows = []
+    for order, jobs in sorted(by_order.items()):
+        if len(jobs) < 2:
+            continue
+        first = jobs[0].matrix["behaviour"]
+        for t, stage in enumerate(first["stages"]):
+            for k, obj in enumerate(first["objectives"]):
+                row = {"order": order, "stage": t, "trained": stage, "objective": obj, "seeds": len(jobs)}
+                for metric in first["metrics"]:
+                    s = seed_interval([j.matrix["behaviour"]["metrics"][metric][t][k] for j in jobs])
+                    row[metric] = estimate(s["mean"], *(s["interval"] or (None, None)))
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def behaviour_seeds_section(doc: Doc, group: list[Job]) -> None:
+    table = behaviour_across_seeds(group)
+    if len(table):
+        doc.h(5, "Behaviour, seed mean [95% t-interval across seeds]")
+        doc.table(table)

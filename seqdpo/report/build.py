@@ -8,7 +8,7 @@ from typing import Any
 import pandas as pd
 
 from seqdpo.analysis.intervals import VERDICT_COLUMNS
-from seqdpo.report.behaviour import behaviour_section, plot_disagreement
+from seqdpo.report.behaviour import behaviour_seeds_section, behaviour_section, plot_disagreement
 from seqdpo.report.doc import Doc
 from seqdpo.report.grouping import setting_label, slug
 from seqdpo.report.jobs import FACTORS, SETTING, Job, find_job_dirs, load_job
@@ -135,6 +135,7 @@ def _seeds_section(doc: Doc, group: list[Job], rows: list[dict]) -> None:
     doc.table(matrix_across_seeds(rows, "accuracy"))
     doc.h(5, "Mean margin, seed mean [95% t-interval]")
     doc.table(matrix_across_seeds(rows, "margin_mean"))
+    behaviour_seeds_section(doc, group)
     for column in VERDICT_COLUMNS:
         doc.h(5, f"Verdicts on {column}: the seed mean (pooled interval) and the split of the seeds' own verdicts")
         doc.table(verdicts_across_seeds(group, column))
