@@ -64,7 +64,7 @@ def test_seeds_are_grouped_with_t_and_pooled_intervals(seed_sweep):
     assert "#### Across seeds (0, 1, 2)" in s and s.count("#### seed ") == 3
     assert "![forgetting_by_order_synthetic.png](forgetting_by_order_synthetic.png)" in s
     assert (out / "forgetting_by_order_synthetic.png").stat().st_size > 10_000
-    assert "ab: seed mean" in s and "degraded 3" in s  # ab's first objective, margin, after stage 2, every seed
+    assert "ab: across seeds" in s and "degraded 3" in s  # ab's first objective, margin, after stage 2, every seed
 
 
 def test_every_table_carries_intervals(seed_sweep):

@@ -41,5 +41,5 @@ def test_two_orders_three_seeds_report(tmp_path):
     assert (bwt.t_lo <= bwt["mean"]).all() and (bwt["mean"] <= bwt.t_hi).all()
     assert (bwt.pooled_lo <= bwt["mean"] + 1e-12).all() and (bwt["mean"] <= bwt.pooled_hi + 1e-12).all()
     s = (out / "summary.md").read_text()
-    assert "#### Across seeds (0, 1, 2)" in s and "| ab: seed mean |" in s
+    assert "#### Across seeds (0, 1, 2)" in s and "| ab: across seeds |" in s
     assert (out / "forgetting_by_order_synthetic.png").stat().st_size > 10_000
