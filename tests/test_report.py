@@ -207,3 +207,33 @@ def test_report_on_real_tiny_multirun(tmp_path):
     assert "| stage | ab: trained |" in s
     for prefix in ("heatmap_", "quartiles_", "scatter_", "gradcos_", "gradcos_trace_"):
         assert any(p.name.startswith(prefix) and p.stat().st_size > 10_000 for p in out.glob("*.png")), prefix
+
+
+def test_a_duplicate_config_counts_once(sweep, tmp_path):
+    """The same config twice (same signature, same seed): one result, flagged, not two seeds with sd 0."""
+    import shutil
+
+    root = sweep
+    shutil.copytree(root / "order=ba", root / "order=ba,again")
+    out = tmp_path / "dup_report"
+    report.build_report(root, out)
+    jobs = pd.read_csv(out / "jobs.csv").set_index("job")
+    assert jobs.loc["order=ba,again", "duplicate_of"] == "order=ba" and jobs.duplicate_of.notna().sum() == 1
+    s = (out / "summary.md").read_text()
+    assert "1 duplicate job(s) (same config signature, same seed) counted once: order=ba,again repeats order=ba" in s
+    assert "#### Across seeds" not in s and "order=ba,again" not in pd.read_csv(out / "verdicts.csv").job.tolist()
+
+
+def test_pair_accounting_is_one_line_when_nothing_was_dropped():
+    from seqdpo.report.build import _pairs_section
+    from seqdpo.report.doc import Doc
+
+    clean = pd.DataFrame({"job": ["a", "b"], "objective": ["x", "x"], "split": ["eval", "eval"], "rows": [64, 64],
+                          "kept": [64, 64], "truncated": [0, 0], "lost_fraction": [0.0, 0.0], "dropped_empty": [0, 0]})
+    doc = Doc()
+    _pairs_section(doc, clean)
+    assert doc.markdown().strip() == ("Pairs: every job kept every pair it read (128 pairs over 2 job(s), none dropped or "
+                                      "truncated; pairs.csv).")
+    doc = Doc()
+    _pairs_section(doc, clean.assign(dropped_empty=[0, 3]))
+    assert "## Pairs kept and dropped" in doc.markdown() and "| b | x | eval |" in doc.markdown()

@@ -53,13 +53,13 @@ def build_report(root: Path, out: Path, html_too: bool = False) -> dict[str, Any
                              "log": j.log, "problems": "; ".join(j.problems), "duplicate_of": repeats.get(j.rel)} for j in jobs])
     tables = {
         "jobs": jobs_df,
-        "metrics": metrics_table(jobs),
-        "transfer": analysis_rows(jobs, "transfer"),
-        "quartiles": analysis_rows(jobs, "quartiles"),
-        "likelihood": analysis_rows(jobs, "likelihood"),
-        "diagnostics": diagnostics_table(jobs),
-        "verdicts": verdicts_table(jobs),
-        "pairs": pairs_table(jobs),
+        "metrics": metrics_table(distinct),
+        "transfer": analysis_rows(distinct, "transfer"),
+        "quartiles": analysis_rows(distinct, "quartiles"),
+        "likelihood": analysis_rows(distinct, "likelihood"),
+        "diagnostics": diagnostics_table(distinct),
+        "verdicts": verdicts_table(distinct),
+        "pairs": pairs_table(distinct),
     }
     with_results = [j for j in distinct if j.matrix]
     datasets: dict[str, list[tuple[str, list[Job]]]] = {}
