@@ -146,3 +146,23 @@ def test_sweep_verdicts_never_claim_a_change_their_seed_interval_holds_0(seed_sw
     equivalent = v[v.verdict == "equivalent"]
     assert ((equivalent.lo >= -equivalent.min_effect) & (equivalent.hi <= equivalent.min_effect)).all()
     assert v.min_detectable.notna().all()
+
+
+def test_contrasts_pair_by_seed_only_when_each_seed_scored_the_same_pairs():
+    """Order ab and ba at seed s train on seed s's world: same eval pairs, so paired. Another seed's world
+    reuses the pair ids with other pairs: the ids alone must not pair them."""
+    from types import SimpleNamespace
+
+    from seqdpo.analysis import intervals as I
+    from seqdpo.report.contrasts import _shares_data
+    from test_intervals import _job
+
+    def job(world):
+        pairs, matrix = _job({"a": [np.zeros(16), np.ones(16)]}, ["base", "a"], world=world)
+        return SimpleNamespace(boot=I.bootstrap(pairs, matrix, n_boot=5, seed=0))
+
+    ab = {s: job(f"seed{s}") for s in range(3)}
+    ba = {s: job(f"seed{s}") for s in range(3)}
+    assert _shares_data(ab, ba)
+    assert not _shares_data(ab, {s: job(f"seed{s + 1}") for s in range(3)})  # same ids, other pairs
+    assert not _shares_data(ab, {s: ba[s] for s in range(2)})  # not the same seeds

@@ -98,13 +98,15 @@ def seed_rows(group: list[Job]) -> list[dict[str, Any]]:
             lo, hi = np.clip(pool.interval(key)[at], *limits) if limits else pool.interval(key)[at]
             reps = np.stack([np.asarray(j.boot.reps[key])[(slice(0, n_boot), *at)] for j in jobs])
             two = S.percentile_interval(S.two_level_replicates(reps, rng, n_boot), bounds=limits)
-            sd = s["sd"] if s["sd"] is not None else S.SEED_SD_PER_EVAL_SE * float(np.nanstd(reps[0], ddof=1))
+            eval_se = float(np.mean(np.nanstd(reps, axis=1, ddof=1)))  # each seed's own pair-bootstrap SE
+            sd = s["sd"] if s["sd"] is not None else S.SEED_SD_PER_EVAL_SE * eval_se
             rows.append({"order": order, "kind": kind, "metric": metric, "objective": obj, "stage": stage, "quantity": quantity,
                          "seeds": [j.factors["seed"] for j in jobs], "values": values, "n_seeds": s["n"], "mean": s["mean"],
                          "sd": s["sd"], "t_lo": (s["interval"] or [None, None])[0], "t_hi": (s["interval"] or [None, None])[1],
                          "p": s["p"], "method": S.T_METHOD if s["n"] > 1 else ONE_RUN,
                          "two_level_lo": float(two[0]), "two_level_hi": float(two[1]),
-                         "pooled_lo": float(lo), "pooled_hi": float(hi),
+                         "pooled_lo": float(lo), "pooled_hi": float(hi), "eval_se": eval_se,
+                         "sd_over_eval_se": s["sd"] / eval_se if s["sd"] is not None and eval_se > 0 else None,
                          "min_detectable": S.min_detectable(s["sd"], s["n"]),
                          "seeds_for_min_effect": S.seeds_needed(sd, min_effect_of(jobs, metric))})
     return rows
