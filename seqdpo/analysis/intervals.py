@@ -46,13 +46,12 @@ from seqdpo.config import MIN_EFFECT
 from seqdpo.evaluation import MATRIX_STATS
 
 LEVEL = 0.95
-METHOD = "paired percentile bootstrap over pair_id"
-WILSON = "Wilson score interval (proportion with fewer than 5 pairs on one side)"
+METHOD = ("paired percentile bootstrap over pair_id; Wilson score interval for an accuracy cell with fewer than 5 "
+          "pairs on one side")
 VERDICT_COLUMNS = {"accuracy": "accuracy", "margin": "margin_mean"}  # per-pair column -> its matrix metric
 QUARTILE_STATS = ("frac_improved", "frac_stayed", "frac_degraded", "delta_mean")
 VERDICTS = ("degraded", "improved", "redistributed", "equivalent", "inconclusive")
 PROPORTIONS = ("accuracy", "policy_accuracy")  # matrix metrics that are fractions of pairs
-RANGES = {"accuracy": (0.0, 1.0), "policy_accuracy": (0.0, 1.0)}  # possible values of a matrix cell
 
 
 @dataclass

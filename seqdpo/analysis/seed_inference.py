@@ -8,10 +8,10 @@ estimates, and their spread already contains each seed's eval noise, so:
     t-interval (T_METHOD)     mean +- t_{k-1} sd / sqrt(k) of the per-seed estimates. The verdicts and
                               contrasts use it: its coverage is 0.95 at 3 and 5 seeds when the per-seed
                               estimates are roughly normal (tests/test_seed_inference.py simulates it).
-    two-level (TWO_LEVEL)     resample seeds, then one pair-bootstrap replicate within each drawn seed.
+    two-level bootstrap       resample seeds, then one pair-bootstrap replicate within each drawn seed.
                               Shown beside, not used: at k = 3 it has 10 distinct seed sets and its
                               spread is biased low by (k-1)/k, so it undercovers (same test).
-    pooled (POOLED)           the mean of the seeds' pair replicates: eval sampling alone, blind to the
+    pooled pair interval      the mean of the seeds' pair replicates: eval sampling alone, blind to the
                               seed spread; labelled so wherever it appears.
 
 Contrasts between two settings: paired by seed (a t-test on the per-seed differences) when both ran
@@ -32,8 +32,6 @@ from scipy import stats
 LEVEL = 0.95
 POWER = 0.8
 T_METHOD = "t-interval across seeds"
-TWO_LEVEL_METHOD = "two-level bootstrap (seeds, then pairs within seed)"
-POOLED_METHOD = "eval sampling alone (pooled pair bootstrap)"
 PAIRED, WELCH = "paired by seed (t on per-seed differences)", "Welch t (seeds not shared)"
 # Measured across seeds on the synthetic world (README, "How sure is a verdict?"): what one seed's
 # spread is likely to be, in units of its own pair-bootstrap SE, when no second seed says.
