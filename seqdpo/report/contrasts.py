@@ -109,6 +109,8 @@ def answer(r: dict[str, Any]) -> str:
         verdict = f"{r['a'] if r['diff'] > 0 else r['b']} forgets more"
     elif -r["min_effect"] <= r["lo"] and r["hi"] <= r["min_effect"]:
         verdict = f"equivalent within +-{r['min_effect']:g}"
+    elif r["p"] < 1 - I.LEVEL:
+        verdict = f"not distinguishable with {n} seeds once the planned contrasts are counted (raw p = {r['p']:.2g})"
     else:
         verdict = f"not distinguishable with {n} seeds"
     need = r["seeds_to_resolve_min_effect"]

@@ -177,9 +177,10 @@ def sweep_verdicts(settings: list[tuple[str, list[Job]]]) -> list[dict[str, Any]
                                  "quartiles_down": ",".join(down),
                                  "seeds_split": ", ".join(f"{k} {n}" for k, n in sorted(Counter(mine["verdict"]).items())) if len(mine) else ""})
     for r, adjusted in zip(rows, S.bh([r["p"] for r in rows])):
-        r["p_bh"] = adjusted
+        r["p_bh"], r["note"] = adjusted, ""
         if r["verdict"] in ("degraded", "improved") and adjusted is not None and adjusted >= ALPHA:
             r["verdict"] = "inconclusive"  # the interval excludes 0, but not once the screen's many cells are counted
+            r["note"] = f"interval excludes 0, BH-adjusted p = {adjusted:.2g}"
     return rows
 
 
@@ -191,7 +192,7 @@ def verdicts_across_seeds(rows: list[dict], setting: str, column: str) -> pd.Dat
         if v["setting"] != setting or v["column"] != column:
             continue
         row = out.setdefault((v["objective"], v["stage"]), {"objective": v["objective"], "after stage": v["stage"]})
-        tag = f" ({ONE_RUN})" if v["method"] == ONE_RUN else ""
+        tag = f" ({ONE_RUN})" if v["method"] == ONE_RUN else f" ({v['note']})" if v["note"] else ""
         row[f"{v['order']}: across seeds"] = f"{v['verdict']}: {estimate(v['change'], v['lo'], v['hi'])}{tag}"
         row[f"{v['order']}: detectable"] = None if v["min_detectable"] is None else f"{v['min_detectable']:.2g}"
         row[f"{v['order']}: seeds"] = v["seeds_split"]
