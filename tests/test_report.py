@@ -143,6 +143,12 @@ def test_report_on_hand_made_sweep(sweep, tmp_path):
     # orders side by side: one accuracy table with both orders' columns
     assert "| stage | ab: trained | ab: helpful | ab: harmless | ba: trained | ba: helpful | ba: harmless |" in s
     assert "redistribution" in s
+    # one finished seed per order: verdicts and the answer say they rest on one training run, and how many would do
+    assert s.split("\n## ")[1].startswith("The answer") and "one seed a side, so no seed-level difference" in s
+    assert "One seed per order: every verdict below is conditional on one training run" in s
+    assert "resolving eval.min_effect would take about" in s
+    v = pd.read_csv(out / "sweep_verdicts.csv")
+    assert set(v.method) == {"conditional on one training run"} and v.seeds_for_min_effect.notna().all()
     page = (out / "summary.html").read_text()
     assert "<table" in page
     # self-contained: every figure embedded, no reference to a file next to it
