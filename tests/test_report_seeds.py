@@ -166,3 +166,18 @@ def test_contrasts_pair_by_seed_only_when_each_seed_scored_the_same_pairs():
     assert _shares_data(ab, ba)
     assert not _shares_data(ab, {s: job(f"seed{s + 1}") for s in range(3)})  # same ids, other pairs
     assert not _shares_data(ab, {s: ba[s] for s in range(2)})  # not the same seeds
+
+
+def test_behaviour_scores_are_aggregated_across_seeds(seed_sweep):
+    from seqdpo.report.seeds import seed_rows
+
+    root, _, _ = seed_sweep
+    jobs = [load_job(root / f"order=ab,seed={s}", root) for s in range(3)]
+    for s, job in enumerate(jobs):
+        job.matrix["behaviour"] = {"stages": ["base", "helpful"], "objectives": ["helpful"],
+                                   "metrics": {"win_rate": [[0.5], [0.9 + 0.04 * s]], "score_mean": [[0.1], [0.2 * s]]}}
+    rows = {(r["metric"], r["stage"]): r for r in seed_rows(jobs) if r["kind"] == "behaviour"}
+    win = rows[("win_rate", 1)]
+    assert win["values"] == pytest.approx([0.9, 0.94, 0.98]) and win["mean"] == pytest.approx(0.94)
+    assert win["t_hi"] == 1.0 and win["t_lo"] == pytest.approx(0.94 - 4.3027 * 0.04 / math.sqrt(3), abs=1e-3)
+    assert rows[("score_mean", 1)]["sd"] == pytest.approx(0.2) and rows[("score_mean", 0)]["sd"] == pytest.approx(0)

@@ -100,15 +100,38 @@ def seed_rows(group: list[Job]) -> list[dict[str, Any]]:
             two = S.percentile_interval(S.two_level_replicates(reps, rng, n_boot), bounds=limits)
             eval_se = float(np.mean(np.nanstd(reps, axis=1, ddof=1)))  # each seed's own pair-bootstrap SE
             sd = s["sd"] if s["sd"] is not None else S.SEED_SD_PER_EVAL_SE * eval_se
-            rows.append({"order": order, "kind": kind, "metric": metric, "objective": obj, "stage": stage, "quantity": quantity,
-                         "seeds": [j.factors["seed"] for j in jobs], "values": values, "n_seeds": s["n"], "mean": s["mean"],
-                         "sd": s["sd"], "t_lo": (s["interval"] or [None, None])[0], "t_hi": (s["interval"] or [None, None])[1],
-                         "p": s["p"], "method": S.T_METHOD if s["n"] > 1 else ONE_RUN,
+            rows.append({**_row(order, kind, metric, obj, stage, quantity, jobs, values, s),
                          "two_level_lo": float(two[0]), "two_level_hi": float(two[1]),
                          "pooled_lo": float(lo), "pooled_hi": float(hi), "eval_se": eval_se,
                          "sd_over_eval_se": s["sd"] / eval_se if s["sd"] is not None and eval_se > 0 else None,
-                         "min_detectable": S.min_detectable(s["sd"], s["n"]),
                          "seeds_for_min_effect": S.seeds_needed(sd, min_effect_of(jobs, metric))})
+        rows += behaviour_rows(order, jobs)
+    return rows
+
+
+def _row(order, kind, metric, obj, stage, quantity, jobs, values, s) -> dict[str, Any]:
+    return {"order": order, "kind": kind, "metric": metric, "objective": obj, "stage": stage, "quantity": quantity,
+            "seeds": [j.factors["seed"] for j in jobs], "values": values, "n_seeds": s["n"], "mean": s["mean"],
+            "sd": s["sd"], "t_lo": (s["interval"] or [None, None])[0], "t_hi": (s["interval"] or [None, None])[1],
+            "p": s["p"], "method": S.T_METHOD if s["n"] > 1 else ONE_RUN, "min_detectable": S.min_detectable(s["sd"], s["n"])}
+
+
+def behaviour_rows(order: str, jobs: list[Job]) -> list[dict[str, Any]]:
+    """The behaviour scores of matrix.json's `behaviour` block across seeds: mean, sd, t-interval. Jobs keep no
+    replicates of them, so there is no pooled or two-level interval; win_rate is a proportion, clipped to [0, 1]."""
+    blocks = [(j.matrix or {}).get("behaviour") for j in jobs]
+    if not blocks or not all(blocks):
+        return []
+    rows = []
+    for metric, cells in blocks[0]["metrics"].items():
+        for t, row in enumerate(cells):
+            for k, obj in enumerate(blocks[0]["objectives"]):
+                values = [float(b["metrics"][metric][t][k]) for b in blocks
+                          if t < len(b["metrics"][metric]) and b["metrics"][metric][t][k] is not None]
+                if len(values) < len(jobs):
+                    continue
+                s = S.t_summary(values, bounds=(0.0, 1.0) if metric == "win_rate" else None)
+                rows.append(_row(order, "behaviour", metric, obj, t, blocks[0]["stages"][t], jobs, values, s))
     return rows
 
 
