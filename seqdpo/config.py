@@ -160,11 +160,18 @@ class ScorerConfig:
     train_batch_size: int = 16
 
 
+# eval.min_effect's default, per verdict column: 5 accuracy points; a tenth of a reward-margin unit (beta x log-ratio).
+MIN_EFFECT = {"accuracy": 0.05, "margin": 0.1}
+
+
 @dataclass
 class EvalConfig:
     batch_size: int = 16
     tie_tolerance: float = 1e-6  # |margin| at or below this counts as a tie (accuracy 0.5)
     bootstrap: int = 1000  # paired bootstrap replicates for 95% intervals and verdicts (0 = none); seeded by `seed`
+    # Per verdict column, the smallest change worth a claim: a verdict whose interval lies inside +-min_effect is
+    # "equivalent", one that holds 0 and more than that "inconclusive". Declare it before looking at results.
+    min_effect: dict[str, float] = field(default_factory=lambda: dict(MIN_EFFECT))
     generate: bool = False  # behaviour: generate after every stage and score it (seqdpo/behaviour)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
 
@@ -351,6 +358,9 @@ def _ranges(cfg: RunConfig) -> list[tuple[str, Any, str, bool]]:
         ("eval.batch_size", e.batch_size, ">= 1", e.batch_size >= 1),
         ("eval.tie_tolerance", e.tie_tolerance, ">= 0", nonneg(e.tie_tolerance)),
         ("eval.bootstrap", e.bootstrap, ">= 0 (0 = no intervals)", e.bootstrap >= 0),
+        ("eval.min_effect", sorted(e.min_effect), f"exactly the verdict columns {sorted(MIN_EFFECT)}",
+         sorted(e.min_effect) == sorted(MIN_EFFECT)),
+        *[(f"eval.min_effect.{k}", v, "> 0 (the smallest change worth a claim)", pos(v)) for k, v in e.min_effect.items()],
         *[(f"dataset.{k}", v, "a number of pairs >= 1, or null for all", v is None or (v >= 1 and v is not True))
           for k, v in (("n_train", ds.n_train), ("n_eval", ds.n_eval))],
         ("dataset.min_pairs", ds.min_pairs, ">= 1", ds.min_pairs >= 1),

@@ -6,6 +6,8 @@ compare across stages whatever reference the training used (the paper's "fixed b
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pandas as pd
 
@@ -114,11 +116,20 @@ def _stage_table(eval_sets: dict, policy, stage: int, stage_objective: str, *, b
             tie_tolerance=tie_tolerance,
         )
         df.insert(0, "objective", name)
+        df["content_hash"] = content_hashes(ds)
         frames.append(df)
     out = pd.concat(frames, ignore_index=True)
     out.insert(0, "stage_objective", stage_objective)
     out.insert(0, "stage", stage)
     return out
+
+
+def content_hashes(ds) -> list[str]:
+    """One hash per pair of its prompt, chosen and rejected token ids: what pools seeds pair by pair. Pair ids
+    cannot: synthetic ids (`polite-eval-3`) repeat across seeds while the pairs behind them differ."""
+    cols = ds.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).to_dict()
+    return [hashlib.sha256(b"|".join(np.asarray(ids, dtype=np.int64).tobytes() for ids in row)).hexdigest()[:16]
+            for row in zip(cols["prompt_ids"], cols["chosen_ids"], cols["rejected_ids"])]
 
 
 def summarize(pairs: pd.DataFrame, stage_names: list[str], objectives: list[str], beta: float) -> dict:

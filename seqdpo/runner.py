@@ -199,7 +199,8 @@ def _write_results(cfg: RunConfig, out: Path, tracker, stage_names, objectives, 
     pairs = pd.concat([pd.read_parquet(out / f"stage_{k}" / "pairs.parquet") for k in range(len(stage_names))])
     matrix = summarize(pairs, stage_names, objectives, cfg.beta)
     matrix.update(job_intervals(pairs, matrix, n_boot=cfg.eval.bootstrap, seed=cfg.seed,
-                                stay_threshold=cfg.diagnostics.stay_threshold, tie_tolerance=cfg.eval.tie_tolerance))
+                                stay_threshold=cfg.diagnostics.stay_threshold, tie_tolerance=cfg.eval.tie_tolerance,
+                                min_effect=cfg.eval.min_effect))
     matrix["reference_forwards"] = refs.counter()
     done = [json.loads((out / f"stage_{k}" / "DONE").read_text()) for k in range(1, len(stage_names))]
     matrix["strategy"] = {"name": cfg.strategy.name, "stages": summary(plan, done)}

@@ -9,8 +9,9 @@
   `transfer/<metric>/<objective>/{learning,forgetting,forward,backward}`.
 - intervals (matrix.json's `intervals`, when present): `<matrix or transfer key>_low` / `_high` beside each
   value above.
-- verdicts (matrix.json's `verdicts`): `verdict/<column>/stage<k>/<objective>` = degraded | stable |
-  improved | redistributed, with `change/<column>/stage<k>/<objective>` and its `_low` / `_high`, and
+- verdicts (matrix.json's `verdicts`): `verdict/<column>/stage<k>/<objective>` = degraded | improved |
+  redistributed | equivalent | inconclusive, with `change/<column>/stage<k>/<objective>`, its `_low` /
+  `_high`, `min_detectable/<column>/stage<k>/<objective>` (the change this job's pairs detect), and
   `reading/<column>/stage<k>/<objective>` = learning (stage k trained it: against stage k - 1) |
   retention (against its last training stage) | transfer (against the base).
 """
@@ -82,6 +83,7 @@ def interval_summary(matrix: dict) -> dict[str, Any]:
             out[f"reading/{key}"] = str(v["reading"])
         _put(out, f"change/{key}", v.get("change"))
         _put_interval(out, f"change/{key}", v.get("interval"))
+        _put(out, f"min_detectable/{key}", v.get("min_detectable"))
     return out
 
 

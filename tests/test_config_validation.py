@@ -11,6 +11,9 @@ BAD_VALUES = [
     ("eval.batch_size=0", "eval.batch_size", ">= 1"),
     ("eval.tie_tolerance=-0.1", "eval.tie_tolerance", ">= 0"),
     ("eval.bootstrap=-1", "eval.bootstrap", ">= 0"),
+    ("eval.min_effect.margin=0", "eval.min_effect.margin", "> 0"),
+    ("eval.min_effect.accuracy=-0.1", "eval.min_effect.accuracy", "> 0"),
+    ("+eval.min_effect.margn=0.1", "eval.min_effect", "exactly the verdict columns ['accuracy', 'margin']"),
     ("train.save_steps=0", "train.save_steps", ">= 1"),
     ("train.grad_accum=0", "train.grad_accum", ">= 1"),
     ("train.lr_scheduler=cosin", "train.lr_scheduler", "'cosine'"),
@@ -94,6 +97,11 @@ def test_bad_value_names_the_key(override, key, words):
     with pytest.raises(ConfigError) as e:
         run_config(override.split())
     assert e.value.key == key and words in str(e.value), str(e.value)
+
+
+def test_min_effect_composes_per_column():
+    cfg = run_config(["eval.min_effect.margin=0.25"])
+    assert cfg.eval.min_effect == {"accuracy": 0.05, "margin": 0.25}
 
 
 def test_the_defaults_and_builder_options_pass():

@@ -16,8 +16,9 @@ from seqdpo.evaluation import score, summarize
 TOL = 1e-6
 
 
-def _table(margins: dict[str, list[np.ndarray]]) -> pd.DataFrame:
-    """A per-pair table in pairs.parquet's columns: margins[objective][stage] = one margin per pair."""
+def _table(margins: dict[str, list[np.ndarray]], world: str = "w0") -> pd.DataFrame:
+    """A per-pair table in pairs.parquet's columns: margins[objective][stage] = one margin per pair; pairs of
+    another `world` (e.g. a synthetic world of another seed) differ in content under the same ids."""
     rows = []
     for obj, per_stage in margins.items():
         for t, m in enumerate(per_stage):
@@ -25,12 +26,13 @@ def _table(margins: dict[str, list[np.ndarray]]) -> pd.DataFrame:
             nm = m / 2
             rows.append(pd.DataFrame({"stage": t, "objective": obj, "pair_id": [f"{obj}-{i:03d}" for i in range(len(m))],
                                       "margin": m, "norm_margin": nm, "accuracy": score(m, TOL),
-                                      "policy_accuracy": score(nm, TOL)}))
+                                      "policy_accuracy": score(nm, TOL),
+                                      "content_hash": [f"{world}:{obj}-{i}" for i in range(len(m))]}))
     return pd.concat(rows, ignore_index=True)
 
 
-def _job(margins, stages):
-    pairs = _table(margins)
+def _job(margins, stages, world="w0"):
+    pairs = _table(margins, world)
     return pairs, summarize(pairs, stages, list(margins), 0.3)
 
 
@@ -108,7 +110,10 @@ def test_verdicts_on_constructed_changes():
     noise = rng.normal(0.0, 0.05, 64)
     assert _verdict(before, before - 0.5 + noise)["verdict"] == "degraded"
     assert _verdict(before, before + 0.5 + noise)["verdict"] == "improved"
-    assert _verdict(before, before + noise)["verdict"] == "stable"
+    assert _verdict(before, before + noise)["verdict"] == "equivalent"  # inside +-0.1 (eval.min_effect.margin)
+    row = _verdict(before, before + rng.normal(0.0, 1.0, 64))
+    assert row["verdict"] == "inconclusive" and row["interval"][0] < -0.1  # holds 0 and changes that matter
+    assert row["min_detectable"] == pytest.approx(2.8 / math.sqrt(64), rel=0.25)  # (1.96 + 0.84) x SE, sd ~1
     # Q1 (least confident) up, Q4 down, the aggregate flat: the matrix sees nothing.
     shift = np.repeat([1.0, 0.0, 0.0, -1.0], 16)
     row = _verdict(before, before + shift + noise)
@@ -118,20 +123,21 @@ def test_verdicts_on_constructed_changes():
     few = before.copy()
     few[:2] -= 6.0
     row = _verdict(before, few)
-    assert row["change"] < -0.15 and row["verdict"] in ("stable", "redistributed")
+    assert row["change"] < -0.15 and row["verdict"] in ("inconclusive", "redistributed")
 
 
 def test_decide_rules():
-    assert I.decide((-0.3, -0.1), {}) == ("degraded", [], [])
-    assert I.decide((0.1, 0.3), {"Q1": (0.2, 0.4)}) == ("improved", ["Q1"], [])
+    assert I.decide((-0.3, -0.1), {}, 0.1) == ("degraded", [], [])
+    assert I.decide((0.1, 0.3), {"Q1": (0.2, 0.4)}, 0.1) == ("improved", ["Q1"], [])
     moved = {"Q1": (0.1, 0.3), "Q4": (-0.4, -0.1)}
     beyond = {"by_start": (0.3, 0.6), "by_end": (0.05, 0.4), "crossing": (-0.5, -0.1)}
-    assert I.decide((-0.1, 0.1), moved, beyond)[0] == "redistributed"
+    assert I.decide((-0.1, 0.1), moved, 0.1, beyond)[0] == "redistributed"
     # Q1 up and Q4 down by the baseline's quartiles alone is what regression to the mean gives
-    assert I.decide((-0.1, 0.1), moved)[0] == "stable"
-    assert I.decide((-0.1, 0.1), moved, {**beyond, "by_end": (-0.3, -0.1)})[0] == "stable"
-    assert I.decide((-0.1, 0.1), {"Q1": (0.1, 0.3), "Q4": (-0.4, 0.1)}, beyond)[0] == "stable"
-    assert I.decide((0.0, 0.0), {})[0] == "stable"
+    assert I.decide((-0.1, 0.1), moved, 0.1)[0] == "equivalent"
+    assert I.decide((-0.1, 0.1), moved, 0.1, {**beyond, "by_end": (-0.3, -0.1)})[0] == "equivalent"
+    assert I.decide((-0.1, 0.1), {"Q1": (0.1, 0.3), "Q4": (-0.4, 0.1)}, 0.1, beyond)[0] == "equivalent"
+    assert I.decide((-0.1, 0.1), {}, 0.05)[0] == "inconclusive"  # the same interval, a stricter margin
+    assert I.decide((0.0, 0.0), {}, 0.1)[0] == "equivalent"
 
 
 def test_redistribution_rules():
@@ -255,6 +261,17 @@ def test_pooling_seeds_that_scored_the_same_pairs_draws_them_once():
     key = ("matrix", "margin_mean")
     assert np.allclose(I.pool(shared).interval(key), shared[0].interval(key))
     assert np.diff(I.pool(independent).interval(key)[1, 0]) < 0.8 * np.diff(shared[0].interval(key)[1, 0])
-    other, _ = _job({"a": [np.zeros(40), rng.normal(1, 1, 40)]}, ["base", "a"])
-    other["pair_id"] = other["pair_id"] + "-x"
+    # Pairs are matched by content, never by id: another world's pairs under the same ids are other pairs.
+    other, _ = _job({"a": [np.zeros(40), rng.normal(1, 1, 40)]}, ["base", "a"], world="seed1")
+    assert list(other.pair_id) == list(pairs.pair_id)
     assert not I.same_pairs([shared[0], I.bootstrap(other, matrix, n_boot=10, seed=0)])
+    assert not I.same_pairs([shared[0], I.bootstrap(pairs.drop(columns="content_hash"), matrix, n_boot=10, seed=0)])
+
+
+def test_proportion_cells_near_0_or_1_get_a_wilson_interval():
+    """32 of 32 pairs right: the bootstrap says [1, 1]; the interval says how far below 1 the truth may lie."""
+    pairs, matrix = _job({"a": [np.zeros(32), np.full(32, 2.0)]}, ["base", "a"])
+    boot = I.bootstrap(pairs, matrix, n_boot=100, seed=0)
+    lo, hi = boot.interval(("matrix", "accuracy"))[1, 0]
+    assert hi == 1.0 and 0.85 < lo < 0.95
+    assert np.all(boot.reps[("matrix", "accuracy")][:, 1, 0] == 1.0)  # what the percentile interval would have said

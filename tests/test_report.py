@@ -143,6 +143,12 @@ def test_report_on_hand_made_sweep(sweep, tmp_path):
     # orders side by side: one accuracy table with both orders' columns
     assert "| stage | ab: trained | ab: helpful | ab: harmless | ba: trained | ba: helpful | ba: harmless |" in s
     assert "redistribution" in s
+    # one finished seed per order: verdicts and the answer say they rest on one training run, and how many would do
+    assert s.split("\n## ")[1].startswith("The answer") and "one seed a side, so no seed-level difference" in s
+    assert "One seed per order: every verdict below is conditional on one training run" in s
+    assert "resolving eval.min_effect would take about" in s
+    v = pd.read_csv(out / "sweep_verdicts.csv")
+    assert set(v.method) == {"conditional on one training run"} and v.seeds_for_min_effect.notna().any()
     page = (out / "summary.html").read_text()
     assert "<table" in page
     # self-contained: every figure embedded, no reference to a file next to it
@@ -212,3 +218,33 @@ def test_report_on_real_tiny_multirun(tmp_path):
     assert "| stage | ab: trained |" in s
     for prefix in ("heatmap_", "quartiles_", "scatter_", "gradcos_", "gradcos_trace_"):
         assert any(p.name.startswith(prefix) and p.stat().st_size > 10_000 for p in out.glob("*.png")), prefix
+
+
+def test_a_duplicate_config_counts_once(sweep, tmp_path):
+    """The same config twice (same signature, same seed): one result, flagged, not two seeds with sd 0."""
+    import shutil
+
+    root = sweep
+    shutil.copytree(root / "order=ba", root / "order=ba,again")
+    out = tmp_path / "dup_report"
+    report.build_report(root, out)
+    jobs = pd.read_csv(out / "jobs.csv").set_index("job")
+    assert jobs.loc["order=ba,again", "duplicate_of"] == "order=ba" and jobs.duplicate_of.notna().sum() == 1
+    s = (out / "summary.md").read_text()
+    assert "1 duplicate job(s) (same config signature, same seed) counted once: order=ba,again repeats order=ba" in s
+    assert "#### Across seeds" not in s and "order=ba,again" not in pd.read_csv(out / "verdicts.csv").job.tolist()
+
+
+def test_pair_accounting_is_one_line_when_nothing_was_dropped():
+    from seqdpo.report.build import _pairs_section
+    from seqdpo.report.doc import Doc
+
+    clean = pd.DataFrame({"job": ["a", "b"], "objective": ["x", "x"], "split": ["eval", "eval"], "rows": [64, 64],
+                          "kept": [64, 64], "truncated": [0, 0], "lost_fraction": [0.0, 0.0], "dropped_empty": [0, 0]})
+    doc = Doc()
+    _pairs_section(doc, clean)
+    assert doc.markdown().strip() == ("Pairs: every job kept every pair it read (128 pairs over 2 job(s), none dropped or "
+                                      "truncated; pairs.csv).")
+    doc = Doc()
+    _pairs_section(doc, clean.assign(dropped_empty=[0, 3]))
+    assert "## Pairs kept and dropped" in doc.markdown() and "| b | x | eval |" in doc.markdown()

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from conftest import REPO, SMALL_JOB
 from seqdpo import report
@@ -41,5 +42,18 @@ def test_two_orders_three_seeds_report(tmp_path):
     assert (bwt.t_lo <= bwt["mean"]).all() and (bwt["mean"] <= bwt.t_hi).all()
     assert (bwt.pooled_lo <= bwt["mean"] + 1e-12).all() and (bwt["mean"] <= bwt.pooled_hi + 1e-12).all()
     s = (out / "summary.md").read_text()
-    assert "#### Across seeds (0, 1, 2)" in s and "| ab: seed mean |" in s
+    assert "#### Across seeds (0, 1, 2)" in s and "| ab: across seeds |" in s
     assert (out / "forgetting_by_order_synthetic.png").stat().st_size > 10_000
+    # Each seed's world has its own eval pairs under the same ids; orders ab and ba of one seed share them:
+    # pooling pairs by content keeps seeds apart, and the order contrast is paired by seed.
+    jobs = {(c["order"]["name"], c["seed"]): pd.read_parquet(p.parent / "pairs.parquet")
+            for p in sweep.glob("*/config.yaml") for c in [yaml.safe_load(p.read_text())]}
+    ab0, ab1, ba0 = jobs[("ab", 0)], jobs[("ab", 1)], jobs[("ba", 0)]
+    assert list(ab0.pair_id) == list(ab1.pair_id) and not set(ab0.content_hash) & set(ab1.content_hash)
+    assert set(ab0.content_hash) == set(ba0.content_hash)
+    c = pd.read_csv(out / "contrasts.csv")
+    assert set(c.method) == {"paired by seed (t on per-seed differences)"} and set(c.factor) == {"order"}
+    assert "## The answer: which setting forgets more" in s and s.index("The answer") < s.index("## All jobs")
+    v = pd.read_csv(out / "sweep_verdicts.csv")
+    claims = v[v.verdict.isin(["improved", "degraded"])]
+    assert ((claims.lo > 0) | (claims.hi < 0)).all()

@@ -40,7 +40,7 @@ def test_intervals_and_verdicts_become_summary_scalars():
         "intervals": {"metrics": {"accuracy": [[[0.5, 0.5], [0.5, 0.5]], [[0.8, 0.9], [0.1, 0.2]], [[0.3, 0.5], [0.6, 0.8]]]},
                       "transfer": {"accuracy": {"_all": {"BWT": [-0.6, -0.3]}, "polite": {"forgetting": [0.3, 0.6]}}}},
         "verdicts": [{"objective": "polite", "stage": 2, "column": "accuracy", "change": -0.45,
-                      "interval": [-0.6, -0.3], "verdict": "degraded", "reading": "retention"}],
+                      "interval": [-0.6, -0.3], "verdict": "degraded", "reading": "retention", "min_detectable": 0.21}],
     }
     s = interval_summary(matrix)
     assert s["matrix/accuracy/stage1/polite_low"] == 0.8 and s["matrix/accuracy/stage2/factual_high"] == 0.8
@@ -49,4 +49,5 @@ def test_intervals_and_verdicts_become_summary_scalars():
     assert s["verdict/accuracy/stage2/polite"] == "degraded" and s["change/accuracy/stage2/polite"] == -0.45
     assert s["change/accuracy/stage2/polite_low"] == -0.6
     assert s["reading/accuracy/stage2/polite"] == "retention"
+    assert s["min_detectable/accuracy/stage2/polite"] == 0.21
     assert interval_summary({"stages": [], "objectives": [], "metrics": {}}) == {}

@@ -10,7 +10,8 @@ between-pair spread that is common to both stages. Intervals are percentile inte
 Verdict of objective j after stage t >= 1, per column c in VERDICT_COLUMNS, against the baseline
 stage b (`baseline_stage`): t - 1 when stage t trains j ("learning": what stage t taught, apart from
 the transfer before it), else the last stage before t that trained j ("retention"), else 0, the base
-model ("transfer"):
+model ("transfer"); m = the column's `eval.min_effect` (the smallest change worth a claim, declared
+before looking):
 
     degraded       the interval of mean_i (c_i^t - c_i^b) lies below 0
     improved       it lies above 0
@@ -18,7 +19,11 @@ model ("transfer"):
                    lies below 0 (quartiles by margin after b, as in pairs.py), and the move is beyond
                    what regression to the mean gives: see `redistribution` (only for b >= 1, since after
                    the base every margin is 0)
-    stable         otherwise: no change this many pairs can detect
+    equivalent     it lies inside [-m, m]: any change is smaller than the study cares about
+    inconclusive   otherwise: the interval holds 0 and changes of at least m (more pairs or seeds needed)
+
+A job's verdicts are conditional on its one training run; the report's verdicts across seeds use
+the seeds' t-interval (seed_inference.py).
 
 Pairs missing at some stage are left out of the resampling of their objective and counted (`n_dropped`).
 Transfer figures are the formulas of transfer.py applied to every replicate's matrix; quartile
@@ -35,17 +40,22 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from seqdpo.analysis import pairs as P
+from seqdpo.analysis import seed_inference as S
 from seqdpo.analysis import transfer as T
+from seqdpo.config import MIN_EFFECT
 from seqdpo.evaluation import MATRIX_STATS
 
 LEVEL = 0.95
-METHOD = "paired percentile bootstrap over pair_id"
+METHOD = ("paired percentile bootstrap over pair_id; Wilson score interval for an accuracy cell with fewer than 5 "
+          "pairs on one side")
 VERDICT_COLUMNS = {"accuracy": "accuracy", "margin": "margin_mean"}  # per-pair column -> its matrix metric
 QUARTILE_STATS = ("frac_improved", "frac_stayed", "frac_degraded", "delta_mean")
-VERDICTS = ("degraded", "stable", "improved", "redistributed")
+VERDICTS = ("degraded", "improved", "redistributed", "equivalent", "inconclusive")
 REDISTRIBUTION_EVIDENCE = ("by_start", "by_end", "crossing")
+PROPORTIONS = ("accuracy", "policy_accuracy")  # matrix metrics that are fractions of pairs
 
 
 @dataclass
@@ -70,13 +80,21 @@ class Bootstrap:
     n_pairs: dict[str, int] = field(default_factory=dict)
     n_dropped: dict[str, int] = field(default_factory=dict)
     pair_ids: dict[str, np.ndarray] = field(default_factory=dict)  # the pairs resampled, in draw order
+    pair_content: dict[str, np.ndarray] = field(default_factory=dict)  # their content hashes (or None: unknown)
 
     def interval(self, key: tuple, level: float = LEVEL) -> np.ndarray:
-        """[..., 2]: lower and upper percentile bounds of the key's replicates."""
+        """[..., 2]: lower and upper percentile bounds of the key's replicates. A proportion cell with fewer
+        than 5 pairs on one side gets the Wilson interval instead: its bootstrap collapses to [1, 1] at 64 of 64."""
         q = 50.0 * np.array([1.0 - level, 1.0 + level])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN cells (objective missing at a stage)
-            return np.moveaxis(np.nanpercentile(self.reps[key], q, axis=0), 0, -1)
+            out = np.moveaxis(np.nanpercentile(self.reps[key], q, axis=0), 0, -1)
+        if key[0] == "matrix" and key[1] in PROPORTIONS:
+            for (t, j), p in np.ndenumerate(np.asarray(self.point[key], dtype=float)):
+                n = self.n_pairs.get(self.objectives[j], 0)
+                if n and np.isfinite(p) and min(p, 1 - p) * n < 5:
+                    out[t, j] = S.wilson(p * n, n, level)
+        return out
 
 
 def _wide(pairs: pd.DataFrame, objectives: list[str], columns: list[str], n_stages: int) -> dict[str, tuple]:
@@ -183,8 +201,11 @@ def bootstrap(pairs: pd.DataFrame, matrix: dict, *, n_boot: int, seed: int, stay
     boot = Bootstrap(stages, objectives, int(n_boot), seed)
     columns = [c for c in dict.fromkeys(col for col, _ in MATRIX_STATS.values()) if c in pairs.columns]
     data = _wide(pairs, objectives, columns, len(stages))
+    content = pairs.drop_duplicates(["objective", "pair_id"]).set_index(["objective", "pair_id"])["content_hash"] \
+        if "content_hash" in pairs.columns else None
     for obj, (ids, _, dropped) in data.items():
         boot.n_pairs[obj], boot.n_dropped[obj], boot.pair_ids[obj] = len(ids), dropped, ids
+        boot.pair_content[obj] = None if content is None else content.loc[obj].reindex(ids).to_numpy()
     data = {o: d for o, d in data.items() if len(d[0])}
     boot.baselines = {(o, t): baseline_stage(stages, o, t) for o in data for t in range(1, len(stages))}
     decomps = [d for col in P.DECOMPOSED_COLUMNS if col in pairs.columns
@@ -199,9 +220,14 @@ def bootstrap(pairs: pd.DataFrame, matrix: dict, *, n_boot: int, seed: int, stay
 
 
 def same_pairs(boots: list[Bootstrap]) -> bool:
-    """Whether every job scored the same eval pairs (then a pooled bootstrap must draw them once for all)."""
-    first = boots[0].pair_ids
-    return all(b.pair_ids.keys() == first.keys() and all(np.array_equal(b.pair_ids[o], first[o]) for o in first)
+    """Whether every job scored the same eval pairs, by content (prompt, chosen and rejected token ids),
+    in the same draw order: then a pooled bootstrap must draw them once for all. Never by pair id: synthetic
+    ids repeat across seeds while the pairs behind them differ. Jobs without content hashes (pairs.parquet
+    from before they were stored) count as different pairs."""
+    first = boots[0].pair_content
+    return all(b.pair_content.keys() == first.keys()
+               and all(first[o] is not None and b.pair_content[o] is not None and np.array_equal(b.pair_content[o], first[o])
+                       for o in first)
                for b in boots[1:])
 
 
@@ -262,7 +288,7 @@ def redistribution(evidence: dict[str, tuple[float, float]]) -> list[str]:
     return [name for name, hit in fired.items() if hit]
 
 
-def decide(change: tuple[float, float], quartiles: dict[str, tuple[float, float]],
+def decide(change: tuple[float, float], quartiles: dict[str, tuple[float, float]], min_effect: float,
            evidence: dict[str, tuple[float, float]] | None = None) -> tuple[str, list[str], list[str]]:
     """(verdict, quartiles whose change is above 0, quartiles below 0) from intervals (module docstring)."""
     lo, hi = change
@@ -271,11 +297,21 @@ def decide(change: tuple[float, float], quartiles: dict[str, tuple[float, float]
         return "degraded", up, down
     if lo > 0:
         return "improved", up, down
-    return ("redistributed" if up and down and redistribution(evidence or {}) else "stable"), up, down
+    if up and down and redistribution(evidence or {}):
+        return "redistributed", up, down
+    return ("equivalent" if -min_effect <= lo and hi <= min_effect else "inconclusive"), up, down
 
 
-def verdicts(boot: Bootstrap, level: float = LEVEL) -> list[dict[str, Any]]:
-    """One row per (objective, stage >= 1, column): the change against its baseline stage, its interval, the verdict."""
+def min_detectable(reps: np.ndarray, level: float = LEVEL, power: float = S.POWER) -> float | None:
+    """The change a two-sided test at `level` finds with `power`, from its bootstrap SE (normal approximation)."""
+    se = float(np.nanstd(reps, ddof=1))
+    return _num((stats.norm.ppf(0.5 + level / 2) + stats.norm.ppf(power)) * se) if len(reps) > 1 else None
+
+
+def verdicts(boot: Bootstrap, min_effect: dict[str, float] | None = None, level: float = LEVEL) -> list[dict[str, Any]]:
+    """One row per (objective, stage >= 1, column): the change against its baseline stage, its interval, the verdict,
+    the margin it was judged against and the smallest change this job's pairs detect (80% power)."""
+    margins = {**MIN_EFFECT, **(min_effect or {})}
     rows = []
     for (obj, t), b in sorted(boot.baselines.items(), key=lambda kv: (boot.objectives.index(kv[0][0]), kv[0][1])):
         for col in VERDICT_COLUMNS:
@@ -287,10 +323,11 @@ def verdicts(boot: Bootstrap, level: float = LEVEL) -> list[dict[str, Any]]:
                      if ("change", obj, t, col, q) in boot.reps}
             evidence = {e: tuple(boot.interval(("redistribution", obj, t, col, e), level)) for e in REDISTRIBUTION_EVIDENCE
                         if ("redistribution", obj, t, col, e) in boot.reps}
-            verdict, up, down = decide(tuple(iv), quart, evidence)
+            verdict, up, down = decide(tuple(iv), quart, margins[col], evidence)
             rows.append({"objective": obj, "stage": t, "stage_objective": boot.stages[t], "baseline_stage": b,
                          "reading": reading(boot.stages, obj, t),
                          "column": col, "change": _num(boot.point[key]), "interval": _pair(iv), "verdict": verdict,
+                         "min_effect": margins[col], "min_detectable": min_detectable(boot.reps[key], level),
                          "quartiles_up": up, "quartiles_down": down,
                          "redistribution": redistribution(evidence) if verdict == "redistributed" else []})
     return rows
@@ -332,14 +369,14 @@ def dropped_message(boot: Bootstrap) -> str | None:
 
 
 def job_intervals(pairs: pd.DataFrame, matrix: dict, *, n_boot: int, seed: int, stay_threshold: float = 0.1,
-                  tie_tolerance: float = 0.0) -> dict[str, Any]:
+                  tie_tolerance: float = 0.0, min_effect: dict[str, float] | None = None) -> dict[str, Any]:
     """{"intervals": ..., "verdicts": ...} for matrix.json (empty when n_boot is 0: intervals switched off)."""
     if not n_boot:
         return {}
     boot = bootstrap(pairs, matrix, n_boot=n_boot, seed=seed, stay_threshold=stay_threshold, tie_tolerance=tie_tolerance)
     if dropped_message(boot):
         logging.getLogger("seqdpo").warning(dropped_message(boot))
-    return {"intervals": to_json(boot), "verdicts": verdicts(boot)}
+    return {"intervals": to_json(boot), "verdicts": verdicts(boot, min_effect)}
 
 
 def t_quantile(p: float, df: int) -> float:
@@ -359,13 +396,8 @@ def t_quantile(p: float, df: int) -> float:
     return (lo + hi) / 2
 
 
-def seed_interval(values, level: float = LEVEL) -> dict[str, Any]:
-    """Mean, sd and t-interval across seeds (independent runs) of one statistic; NaN values left out and counted."""
-    v = np.asarray([x for x in values if x is not None], dtype=float)
-    v = v[np.isfinite(v)]
-    n = len(v)
-    out = {"n": n, "mean": float(v.mean()) if n else None, "sd": float(v.std(ddof=1)) if n > 1 else None, "interval": None}
-    if n > 1:
-        half = t_quantile(0.5 + level / 2, n - 1) * out["sd"] / math.sqrt(n)
-        out["interval"] = [out["mean"] - half, out["mean"] + half]
-    return out
+def seed_interval(values, level: float = LEVEL, bounds: tuple[float, float] | None = None) -> dict[str, Any]:
+    """Mean, sd and t-interval (clipped to `bounds`) across seeds (independent runs) of one statistic; NaN
+    values left out and counted."""
+    out = S.t_summary(values, level, bounds)
+    return {k: out[k] for k in ("n", "mean", "sd", "interval")}

@@ -10,10 +10,17 @@ or Hydra's `.hydra/`; layout in docs/DESIGN.md) and writes to `--out` (default `
     likelihood.csv   3D-properties rows (chosen / rejected likelihood shifts vs the base)
     diagnostics.csv  per job and stage: gradient cosines, update alignment, adapter movement, dispersion
     verdicts.csv     per job, objective, stage and column: the change against its baseline stage and its verdict
-    seeds.csv        per setting and order: mean, sd, t-interval and pooled pair-level interval across seeds
-    jobs.csv         every job with its status and log file
+                     (conditional on that one training run)
+    seeds.csv        per setting and order, every statistic across seeds: mean, sd, t-interval (the method verdicts
+                     use), two-level bootstrap, pooled pair-level interval (eval sampling alone), detectable effect
+    sweep_verdicts.csv  per setting, order, objective, stage and column: the verdict across seeds (t-interval,
+                     BH-adjusted p), its minimum detectable effect and the split of the seeds' own verdicts
+    contrasts.csv    per two settings differing in one factor: the difference of every transfer figure, its
+                     interval and p-value (paired by seed or Welch), raw and adjusted (Holm planned, BH screen)
+    jobs.csv         every job with its status, log file and `duplicate_of` (same signature: counted once)
     pairs.csv        per job, objective and split: rows read, pairs built, kept, dropped by reason, truncated
-    summary.md       per dataset: the forgetting-by-order figure; per setting (jobs differing only by order
+    summary.md       first the answer (one sentence per contrast of overall forgetting), then per dataset: the
+                     forgetting-by-order figure; per setting (jobs differing only by order
                      and seed) the seeds aggregated, then per seed the orders side by side (+ summary.html
                      with --html, self-contained: its images are embedded)
     *.png            forgetting by order, heatmaps, quartile bars, margin scatter, gradient cosine per layer
@@ -24,8 +31,8 @@ the pairs with the job's eval.bootstrap and seed, so unfinished and older jobs g
 Unfinished jobs are read as far as they got (stage_k/pairs.parquet of finished stages); failed and
 running jobs are listed with their status and log path, never fatal.
 
-Modules: jobs (reading job directories), tables, seeds (aggregation across seeds), grouping (labels of
-settings and jobs), plots, doc (markdown / HTML rendering), build (the report and per-job plots), cli.
+Modules: jobs (reading job directories), tables, seeds (aggregation across seeds), contrasts (settings
+compared), grouping (labels of settings and jobs, duplicates), plots, doc (markdown / HTML rendering), build (the report and per-job plots), cli.
 """
 
 from seqdpo.report.build import build_report, job_plots

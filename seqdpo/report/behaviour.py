@@ -12,12 +12,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from seqdpo.analysis.intervals import seed_interval
 from seqdpo.behaviour.guards import GUARDS
 from seqdpo.report.doc import Doc
 from seqdpo.report.grouping import job_label
 from seqdpo.report.jobs import Job
 from seqdpo.report.plots import _plt, _save
+from seqdpo.report.seeds import behaviour_rows
 from seqdpo.report.tables import estimate
 
 SAMPLES_SHOWN = 2  # generations per stage and objective in the summary
@@ -157,24 +157,21 @@ def behaviour_section(doc: Doc, group: list[Job], title: str, name: str, out: Pa
 
 
 def behaviour_across_seeds(group: list[Job]) -> pd.DataFrame:
-    """Per order, stage and objective: each behaviour metric's seed mean [95% t-interval across seeds]."""
+    """Per order, stage and objective: each behaviour metric's seed mean [95% t-interval across seeds], read off
+    the same rows seeds.csv holds (seeds.behaviour_rows)."""
     by_order: dict[str, list[Job]] = {}
     for job in sorted(with_behaviour(group), key=lambda j: str(j.factors["seed"])):
         if job.state == "done":  # a partial job has fewer stages
             by_order.setdefault(str(job.factors["order"]), []).append(job)
-    rows = []
+    out: dict[tuple, dict] = {}
     for order, jobs in sorted(by_order.items()):
         if len(jobs) < 2:
             continue
-        first = jobs[0].matrix["behaviour"]
-        for t, stage in enumerate(first["stages"]):
-            for k, obj in enumerate(first["objectives"]):
-                row = {"order": order, "stage": t, "trained": stage, "objective": obj, "seeds": len(jobs)}
-                for metric in first["metrics"]:
-                    s = seed_interval([j.matrix["behaviour"]["metrics"][metric][t][k] for j in jobs])
-                    row[metric] = estimate(s["mean"], *(s["interval"] or (None, None)))
-                rows.append(row)
-    return pd.DataFrame(rows)
+        for r in behaviour_rows(order, jobs):
+            row = out.setdefault((order, r["stage"], r["objective"]), {"order": order, "stage": r["stage"], "trained": r["quantity"],
+                                                                        "objective": r["objective"], "seeds": r["n_seeds"]})
+            row[r["metric"]] = estimate(r["mean"], r["t_lo"], r["t_hi"])
+    return pd.DataFrame([out[k] for k in sorted(out, key=lambda k: (k[0], k[1]))])
 
 
 def behaviour_seeds_section(doc: Doc, group: list[Job]) -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from seqdpo.analysis.intervals import VERDICT_COLUMNS
 from seqdpo.report.behaviour import behaviour_seeds_section, behaviour_section, plot_disagreement
+from seqdpo.report.contrasts import answers, contrast_rows
 from seqdpo.report.doc import Doc
-from seqdpo.report.grouping import setting_label, slug
+from seqdpo.report.grouping import duplicates, setting_label, slug
 from seqdpo.report.jobs import FACTORS, SETTING, Job, find_job_dirs, load_job
 from seqdpo.report.grad_trace import plot_grad_cosine_trace
 from seqdpo.report.mitigations import add_section as add_mitigations
@@ -20,6 +22,7 @@ from seqdpo.report.seeds import (
     matrix_across_seeds,
     seed_rows,
     several_seeds,
+    sweep_verdicts,
     transfer_across_seeds,
     verdicts_across_seeds,
 )
@@ -43,19 +46,33 @@ def build_report(root: Path, out: Path, html_too: bool = False) -> dict[str, Any
     out.mkdir(parents=True, exist_ok=True)
     jobs = [load_job(d, root) for d in find_job_dirs(root) if out not in d.parents and d != out]
     written: dict[str, Any] = {"jobs": len(jobs), "plots": []}
+    repeats = duplicates(jobs)
+    distinct = [j for j in jobs if j.rel not in repeats]
 
     jobs_df = pd.DataFrame([{**base_row(j), "stage": j.status.get("stage"), "error": j.status.get("error"),
-                             "log": j.log, "problems": "; ".join(j.problems)} for j in jobs])
+                             "log": j.log, "problems": "; ".join(j.problems), "duplicate_of": repeats.get(j.rel)} for j in jobs])
     tables = {
         "jobs": jobs_df,
-        "metrics": metrics_table(jobs),
-        "transfer": analysis_rows(jobs, "transfer"),
-        "quartiles": analysis_rows(jobs, "quartiles"),
-        "likelihood": analysis_rows(jobs, "likelihood"),
-        "diagnostics": diagnostics_table(jobs),
-        "verdicts": verdicts_table(jobs),
-        "pairs": pairs_table(jobs),
+        "metrics": metrics_table(distinct),
+        "transfer": analysis_rows(distinct, "transfer"),
+        "quartiles": analysis_rows(distinct, "quartiles"),
+        "likelihood": analysis_rows(distinct, "likelihood"),
+        "diagnostics": diagnostics_table(distinct),
+        "verdicts": verdicts_table(distinct),
+        "pairs": pairs_table(distinct),
     }
+    with_results = [j for j in distinct if j.matrix]
+    datasets: dict[str, list[tuple[str, list[Job]]]] = {}
+    for dataset in sorted({str(j.factors["dataset"]) for j in with_results}):
+        mine = [j for j in with_results if str(j.factors["dataset"]) == dataset]
+        groups: dict[tuple, list[Job]] = {}
+        for j in mine:
+            groups.setdefault(tuple(j.factors[k] for k in SETTING), []).append(j)
+        datasets[dataset] = [(setting_label(key, mine), group) for key, group in sorted(groups.items(), key=lambda kv: str(kv[0]))]
+    verdict_rows = sweep_verdicts([(f"{d}: {label}", g) for d, settings in datasets.items() for label, g in settings])
+    contrasts = contrast_rows(with_results)
+    tables["sweep_verdicts"] = pd.DataFrame(verdict_rows)
+    tables["contrasts"] = pd.DataFrame(contrasts)
     for name, df in tables.items():
         p = out / f"{name}.csv"
         df.to_csv(p, index=False)
@@ -66,6 +83,10 @@ def build_report(root: Path, out: Path, html_too: bool = False) -> dict[str, Any
     counts = jobs_df["status"].value_counts().to_dict() if len(jobs_df) else {}
     doc.p(f"{len(jobs)} job(s): " + (", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none found")
           + ". Metric definitions: docs/metrics.md. CSV files next to this summary hold every number.")
+    if repeats:
+        doc.p(f"{len(repeats)} duplicate job(s) (same config signature, same seed) counted once: "
+              + ", ".join(f"{d} repeats {k}" for d, k in sorted(repeats.items())) + ".")
+    _answer_section(doc, contrasts)
     not_done = [j for j in jobs if j.state != "done"]
     if not_done:
         doc.h(2, "Jobs not finished")
@@ -74,20 +95,11 @@ def build_report(root: Path, out: Path, html_too: bool = False) -> dict[str, Any
                                  "problems": "; ".join(j.problems)} for j in not_done]))
     doc.h(2, "All jobs")
     doc.table(jobs_df[["job", *FACTORS, "status"]] if len(jobs_df) else jobs_df)
-    if len(tables["pairs"]):
-        doc.h(2, "Pairs kept and dropped")
-        doc.p("Per job, objective and split (README, \"What gets dropped, and why\"); every count is in pairs.csv.")
-        doc.table(tables["pairs"][["job", "objective", "split", "rows", "kept", "truncated", "lost_fraction"]])
+    _pairs_section(doc, tables["pairs"])
 
-    with_results = [j for j in jobs if j.matrix]
     seed_frames = []
-    for dataset in sorted({str(j.factors["dataset"]) for j in with_results}):
+    for dataset, settings in datasets.items():
         doc.h(2, f"Dataset {dataset}")
-        mine = [j for j in with_results if str(j.factors["dataset"]) == dataset]
-        groups: dict[tuple, list[Job]] = {}
-        for j in mine:
-            groups.setdefault(tuple(j.factors[k] for k in SETTING), []).append(j)
-        settings = [(setting_label(key, mine), group) for key, group in sorted(groups.items(), key=lambda kv: str(kv[0]))]
         rows = [seed_rows(group) for _, group in settings]
         seed_frames += [csv_frame(r, label, dataset) for (label, _), r in zip(settings, rows)]
         figure = plot_forgetting_by_order([(label if len(settings) > 1 else "", r) for (label, _), r in zip(settings, rows)],
@@ -99,7 +111,9 @@ def build_report(root: Path, out: Path, html_too: bool = False) -> dict[str, Any
         for (label, group), r in zip(settings, rows):
             doc.h(3, label)
             if several_seeds(group):
-                _seeds_section(doc, group, r)
+                _seeds_section(doc, group, r, verdict_rows, f"{dataset}: {label}")
+            else:
+                _one_seed_note(doc, [v for v in verdict_rows if v["setting"] == f"{dataset}: {label}"])
             for seed in sorted({j.factors["seed"] for j in group}, key=str):
                 sub = sorted((j for j in group if j.factors["seed"] == seed), key=lambda j: str(j.factors["order"]))
                 doc.h(4, f"seed {seed}")
@@ -119,17 +133,57 @@ def build_report(root: Path, out: Path, html_too: bool = False) -> dict[str, Any
 
 FORGETTING_HELP = (
     "Per objective trained before the last stage: its forgetting, value after its own stage minus final value "
-    "(> 0 = lost). Dots: seeds; marker: their mean; thin bar: 95% t-interval across seeds (run-to-run spread); "
-    "thick bar: 95% pooled pair-level interval (eval-pair sampling only). Orders whose bars do not overlap "
-    "differ beyond both kinds of noise."
+    "(> 0 = lost). Dots: seeds; marker: their mean; thin bar: 95% t-interval across seeds (run-to-run spread, "
+    "what the verdicts use); thick bar: 95% pooled pair-level interval (eval sampling alone). Whether two orders "
+    "differ is the contrast in the first section, not whether their bars overlap."
 )
 
 
-def _seeds_section(doc: Doc, group: list[Job], rows: list[dict]) -> None:
-    seeds = sorted({str(j.factors["seed"]) for j in group})
-    doc.h(4, f"Across seeds ({', '.join(seeds)}): mean, sd, 95% t-interval, pooled pair-level 95% interval")
-    doc.p("t-interval: across seeds (run-to-run); pooled: the bootstrap of the seed mean over eval pairs "
-          "(docs/metrics.md, Intervals and verdicts). Finished jobs only.")
+def _answer_section(doc: Doc, contrasts: list[dict]) -> None:
+    """The report's first section: which setting forgets more, one sentence per contrast (contrasts.csv has all)."""
+    sentences = answers(contrasts)
+    if not sentences:
+        return
+    doc.h(2, "The answer: which setting forgets more")
+    doc.p("Overall forgetting (mean over the objectives trained before the last stage of value after their stage "
+          "minus final value; > 0 = lost), seed mean [95% t-interval across seeds]; differences paired by seed where "
+          "both settings ran the same seeds on the same eval pairs (else Welch), Holm-adjusted over the planned "
+          "contrasts (README, \"How sure is a verdict?\"). Every figure's contrast: contrasts.csv.")
+    for sentence in sentences:
+        doc.p("- " + sentence)
+
+
+def _pairs_section(doc: Doc, pairs: pd.DataFrame) -> None:
+    """Pair accounting: one line when nothing was dropped or truncated, else the table."""
+    if not len(pairs):
+        return
+    lost = [c for c in pairs.columns if c.startswith("dropped_") or c in ("truncated", "lost_fraction")]
+    if not pairs[lost].fillna(0).to_numpy(dtype=float).any():
+        doc.p(f"Pairs: every job kept every pair it read ({int(pairs['kept'].sum())} pairs over {pairs['job'].nunique()} "
+              "job(s), none dropped or truncated; pairs.csv).")
+        return
+    doc.h(2, "Pairs kept and dropped")
+    doc.p("Per job, objective and split (README, \"What gets dropped, and why\"); every count is in pairs.csv.")
+    doc.table(pairs[["job", "objective", "split", "rows", "kept", "truncated", "lost_fraction"]])
+
+
+def _one_seed_note(doc: Doc, verdicts: list[dict]) -> None:
+    needed = [v["seeds_for_min_effect"] for v in verdicts if v["seeds_for_min_effect"] is not None]
+    if verdicts:
+        doc.p("One seed per order: every verdict below is conditional on one training run (its interval holds eval "
+              "sampling alone). At the run-to-run spread measured on the synthetic world (seed sd 1.75 x the eval SE; "
+              f"README, \"How sure is a verdict?\"), resolving eval.min_effect would take about {int(np.median(needed))} "
+              "seeds (median over these verdicts; sweep_verdicts.csv has each)." if needed else
+              "One seed per order: every verdict below is conditional on one training run.")
+
+
+def _seeds_section(doc: Doc, group: list[Job], rows: list[dict], verdict_rows: list[dict], setting: str) -> None:
+    seeds = sorted({str(s) for r in rows for s in r["seeds"]})
+    doc.h(4, f"Across seeds ({', '.join(seeds)}): mean, sd, 95% t-interval, two-level bootstrap, eval sampling alone")
+    doc.p("t-interval across seeds: what the verdicts and contrasts use (95% coverage at 3 and 5 seeds in simulation; "
+          "the two-level bootstrap, seeds then pairs, undercovers there and stands beside it). Eval sampling alone: the "
+          "pooled pair bootstrap of the seed mean, blind to the run-to-run spread. Finished jobs only; seeds.csv "
+          "has every statistic.")
     doc.table(transfer_across_seeds(rows))
     doc.h(5, "Preference accuracy, seed mean [95% t-interval]")
     doc.table(matrix_across_seeds(rows, "accuracy"))
@@ -137,8 +191,9 @@ def _seeds_section(doc: Doc, group: list[Job], rows: list[dict]) -> None:
     doc.table(matrix_across_seeds(rows, "margin_mean"))
     behaviour_seeds_section(doc, group)
     for column in VERDICT_COLUMNS:
-        doc.h(5, f"Verdicts on {column}: the seed mean (pooled interval) and the split of the seeds' own verdicts")
-        doc.table(verdicts_across_seeds(group, column))
+        doc.h(5, f"Verdicts on {column} across seeds (t-interval; improved/degraded only if BH-adjusted p < 0.05), "
+                 "the smallest change detectable at this many seeds (80% power), and the split of the seeds' own verdicts")
+        doc.table(verdicts_across_seeds(verdict_rows, setting, column))
 
 
 def _jobs_section(doc: Doc, group: list[Job], title: str, name: str, out: Path) -> None:
@@ -155,7 +210,8 @@ def _jobs_section(doc: Doc, group: list[Job], title: str, name: str, out: Path) 
     doc.h(5, "Transfer and forgetting [95% interval] (BWT < 0 = forgetting; FWT = change before training)")
     doc.table(transfer_side_by_side(group))
     for column in VERDICT_COLUMNS:
-        doc.h(5, f"Verdicts on {column}: change against the baseline stage [95% interval]")
+        doc.h(5, f"Verdicts on {column} of this run (conditional on one training run): change against the baseline "
+                 "stage [95% interval, eval sampling alone]")
         doc.table(verdicts_side_by_side(group, column))
     doc.h(5, "Quartile decomposition of the first objective's pairs, by margin after its stage [95% intervals]")
     doc.table(quartile_side_by_side(group))

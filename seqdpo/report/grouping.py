@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 
 from seqdpo.report.jobs import SETTING, Job
@@ -44,3 +45,25 @@ def job_label(job: Job, group: list[Job]) -> str:
     o = job.factors["order"]
     same = [j for j in group if j.factors["order"] == o]
     return f"order {o}" if len(same) == 1 else f"order {o} ({job.rel}, {job.state})"
+
+
+def signature(job: Job) -> str:
+    """The job's config signature (signature.txt, seqdpo.config.signature; seed included), or for a directory
+    without one a hash of its config less the keys that change no result."""
+    try:
+        return (job.path / "signature.txt").read_text().strip()
+    except OSError:
+        config = {k: v for k, v in job.config.items() if k not in ("logger", "ref_cache_dir")}
+        return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def duplicates(jobs: list[Job]) -> dict[str, str]:
+    """Job -> the job it repeats (same signature, so same seed too): a finished job is kept before an unfinished
+    one, then the first by directory. A sweep that ran a config twice has one result of it, not two seeds."""
+    first: dict[str, Job] = {}
+    out = {}
+    for job in sorted(jobs, key=lambda j: (j.state != "done", j.rel)):
+        kept = first.setdefault(signature(job), job)
+        if kept is not job:
+            out[job.rel] = kept.rel
+    return out

@@ -197,7 +197,8 @@ def plot_forgetting_by_order(panels: list[tuple[str, list[dict]]], title: str, p
     """Which order forgets which objective more, and by how much: per setting (row) and metric (column),
     each objective's forgetting (value after its stage minus final value; > 0 = lost) per order: the
     seeds (dots), their mean with its t-interval across seeds (thin bar) and the pooled pair-level
-    interval (thick bar). Panels of one column share the y axis."""
+    interval (thick bar: eval sampling alone). Panels of one column share the y axis. Whether orders differ
+    is a contrast (report/contrasts.py), not a matter of overlapping bars."""
     from seqdpo.report.seeds import METRICS
 
     def rows_of(rows, metric):
@@ -248,5 +249,5 @@ def plot_forgetting_by_order(panels: list[tuple[str, list[dict]]], title: str, p
             if handles:
                 ax.legend(fontsize=8, loc="best")
     fig.text(0.5, 0.005, "dots: seeds; marker: seed mean; thin bar: 95% t-interval across seeds; "
-             "thick bar: 95% pooled pair-level interval", ha="center", fontsize=8)
+             "thick bar: 95% pooled pair-level interval (eval sampling alone)", ha="center", fontsize=8)
     return _save(fig, title, path)

@@ -219,9 +219,10 @@ def verdicts_table(jobs: list[Job]) -> pd.DataFrame:
 
     rows = []
     for job in jobs:
-        for v in verdicts(job.boot) if job.boot is not None else []:
+        min_effect = (job.config.get("eval") or {}).get("min_effect")
+        for v in verdicts(job.boot, min_effect) if job.boot is not None else []:
             rows.append({**base_row(job), **{k: v[k] for k in ("objective", "stage", "stage_objective", "baseline_stage", "reading", "column",
-                                                                  "change", "verdict")},
+                                                                  "change", "verdict", "min_effect", "min_detectable")},
                          "lo": v["interval"][0], "hi": v["interval"][1], "quartiles_up": ",".join(v["quartiles_up"]),
                          "quartiles_down": ",".join(v["quartiles_down"]), "redistribution": ",".join(v["redistribution"])})
     return pd.DataFrame(rows)
@@ -239,4 +240,5 @@ def verdicts_side_by_side(jobs: list[Job], column: str) -> pd.DataFrame:
         moved = f" ({r.redistribution}: up {r.quartiles_up}; down {r.quartiles_down})" if r.verdict == "redistributed" else ""
         row[f"{r.order}: vs stage"] = f"{r.baseline_stage} ({r.reading})"
         row[f"{r.order}"] = f"{r.verdict}: {estimate(r.change, r.lo, r.hi)}{moved}"
+        row[f"{r.order}: detectable"] = None if pd.isna(r.min_detectable) else f"{r.min_detectable:.2g}"
     return pd.DataFrame(list(rows.values()))
