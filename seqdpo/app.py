@@ -7,6 +7,7 @@ This is the only module that touches Hydra; everything it calls takes plain data
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -24,7 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from seqdpo.config import ConfigError, RunConfig, signature, validate
 from seqdpo.data import DataError
-from seqdpo.jobdir import OutputDirTaken, claim_output_dir
+from seqdpo.diskfull import disk_full, disk_full_message
+from seqdpo.jobdir import OutputDirTaken, check_output_dir, claim_output_dir
+from seqdpo.joblock import OutputDirBusy, job_lock
 
 log = logging.getLogger("seqdpo")
 
@@ -81,16 +84,21 @@ def main(cfg: DictConfig) -> dict:
 
         export_ddp_env()  # SLURM job with tasks_per_node > 1: one DDP rank per task (conf/hydra/launcher/slurm_ddp.yaml)
         out = Path(hc.runtime.output_dir)
-        if is_main_process():
-            claim_output_dir(out, run_cfg, signature(run_cfg))  # a refused rerun stops here, before any write
-            _save_hydra_files(out / ".hydra", cfg, hc)
-        quiet_libraries()
-        log.info("%s", config_summary(run_cfg, signature(run_cfg), str(out)))
-        matrix = run_job(run_cfg, str(out), group=group)
+        with contextlib.ExitStack() as held:
+            if is_main_process():
+                # A refused rerun (another config, or a live job here) stops before any write.
+                check_output_dir(out, run_cfg, signature(run_cfg))
+                lock = held.enter_context(job_lock(out))  # run_job holds it on; released when the job ends
+                claim_output_dir(out, run_cfg, signature(run_cfg))
+                lock.record_holder()
+                _save_hydra_files(out / ".hydra", cfg, hc)
+            quiet_libraries()
+            log.info("%s", config_summary(run_cfg, signature(run_cfg), str(out)))
+            matrix = run_job(run_cfg, str(out), group=group)
         log_result(matrix, str(out), time.time() - t0)  # after W&B's footer: the last thing printed
         return matrix
-    except OutputDirTaken as e:
-        # Another config's directory: not a line into its seqdpo.log, which must stay as it was.
+    except (OutputDirTaken, OutputDirBusy) as e:
+        # Another config's or a live job's directory: not a line into its seqdpo.log, which is not ours.
         print(f"seqdpo: {e}", file=sys.stderr, flush=True)
         if hc.mode == RunMode.RUN:
             raise SystemExit(1) from None
@@ -103,6 +111,12 @@ def main(cfg: DictConfig) -> dict:
             raise SystemExit(1) from None  # Hydra would print the traceback again
         raise
     except Exception as e:
+        if disk_full(e):
+            # One paragraph instead of chained tracebacks: the fix is free space, not code.
+            log.error("%s", disk_full_message(Path(hc.runtime.output_dir), e), exc_info=True)
+            if hc.mode == RunMode.RUN:
+                raise SystemExit(1) from None
+            raise
         log.exception("job failed: %s: %s", type(e).__name__, e)  # traceback into seqdpo.log; Hydra prints it on the console
         raise
 

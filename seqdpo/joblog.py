@@ -41,6 +41,26 @@ class ConsoleHandler(logging.Handler):
             self.handleError(record)
 
 
+class LogFileHandler(logging.FileHandler):
+    """Hydra's `seqdpo.log` handler; on a full disk it stops writing with one note on stderr, instead of
+    logging's "--- Logging error ---" traceback for every line (the job's end is reported by seqdpo.app)."""
+
+    disk_full = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.disk_full:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        from seqdpo.diskfull import disk_full
+
+        if not disk_full(sys.exc_info()[1]):
+            super().handleError(record)
+            return
+        self.disk_full = True  # the rest of this job's lines go to the console only
+        print(f"seqdpo: the disk is full: {self.baseFilename} gets no more lines", file=sys.stderr, flush=True)
+
+
 def quiet_libraries() -> None:
     """Library output a user cannot act on, off; library warnings into the job log."""
     import datasets
@@ -67,7 +87,7 @@ def config_summary(cfg, signature: str, out_dir: str) -> str:
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         if is_dataclass(value):
-            line = f"  {f.name}: " + " ".join(f"{k}={v}" for k, v in _flat(asdict(value)))
+            line = f"  {f.name}: " + " ".join(f"{k}={v}" for k, v in flat_items(asdict(value)))
             if f.name == "lora" and value.alpha is None:
                 line = line.replace("alpha=None", f"alpha=None (2r = {value.effective_alpha()})")
             groups.append(line)
@@ -76,10 +96,11 @@ def config_summary(cfg, signature: str, out_dir: str) -> str:
     return "\n".join([f"job {out_dir} (config signature {signature})", "  " + " ".join(top), *groups])
 
 
-def _flat(d: dict, prefix: str = ""):
+def flat_items(d: dict, prefix: str = ""):
+    """('group.key', value) for every leaf of a nested dict (an empty dict is a leaf)."""
     for k, v in d.items():
         if isinstance(v, dict) and v:
-            yield from _flat(v, f"{prefix}{k}.")
+            yield from flat_items(v, f"{prefix}{k}.")
         else:
             yield prefix + k, v
 

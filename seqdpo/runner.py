@@ -24,7 +24,8 @@ import torch
 
 from seqdpo import config as C
 from seqdpo.config import RunConfig
-from seqdpo.jobdir import claim_output_dir, clear_job_results
+from seqdpo.jobdir import check_output_dir, claim_output_dir, clear_job_results
+from seqdpo.joblock import job_lock
 from seqdpo.resume import latest_intact_checkpoint, read_trained, stage_train_loss, trainer_state_step, write_trained
 
 log = logging.getLogger("seqdpo")
@@ -35,13 +36,23 @@ def is_main_process() -> bool:
 
 
 def run_job(cfg: RunConfig, out_dir: str, *, group: str | None = None) -> dict:
+    """Runs the job holding the directory's lock (seqdpo.joblock): one live job per directory."""
+    out = Path(out_dir)
+    if not is_main_process():  # DDP: rank 0 holds the lock and writes; the other ranks only read
+        out.mkdir(parents=True, exist_ok=True)
+        return _run_job(cfg, out, group)
+    sig = C.signature(cfg)
+    check_output_dir(out, cfg, sig)  # another config's directory is refused before the lock file is made
+    with job_lock(out) as lock:
+        claim_output_dir(out, cfg, sig)
+        lock.record_holder()
+        return _run_job(cfg, out, group)
+
+
+def _run_job(cfg: RunConfig, out: Path, group: str | None) -> dict:
     from seqdpo.jobstatus import JobStatus, read_status, stop_on_sigterm
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     sig = C.signature(cfg)
-    if is_main_process():
-        claim_output_dir(out, cfg, sig)
     # A rerun of a finished job (every stage DONE) adds nothing its W&B run lacks: it opens none.
     finished = (read_status(out) or {}).get("state") == "done" and all(
         (out / f"stage_{k}" / "DONE").exists() for k in range(len(C.stage_objectives(cfg)) + 1)
@@ -49,6 +60,7 @@ def run_job(cfg: RunConfig, out_dir: str, *, group: str | None = None) -> dict:
     if is_main_process():
         clear_job_results(out)
     status = JobStatus(out, enabled=is_main_process())
+    status.reserve_space()
     status.set("running")
     status.start_heartbeat()
     from seqdpo.tracking import Tracker
@@ -61,7 +73,11 @@ def run_job(cfg: RunConfig, out_dir: str, *, group: str | None = None) -> dict:
     except BaseException as e:  # KeyboardInterrupt and SystemExit too: the status must say the job stopped
         # A signal (preemption, requeue, Ctrl-C, SIGTERM) stops a job that a rerun resumes; an exception is a failure.
         state = "interrupted" if isinstance(e, (SystemExit, KeyboardInterrupt)) else "failed"
-        status.set(state, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc())
+        try:
+            status.set(state, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc())
+        except OSError as status_error:  # the job's own error is what a user must see, not this one
+            log.warning("could not record the job's end in %s: %r", status.path, status_error)
+        status.release_space()
         # The error itself is reported once, by whoever catches it (seqdpo.app: one paragraph or a traceback).
         log.info("job %s at stage %s (status.json)", state, status.stage)
         if tracker is not None:
@@ -80,6 +96,7 @@ def run_job(cfg: RunConfig, out_dir: str, *, group: str | None = None) -> dict:
         if tracker is not None:
             tracker.finish()
     status.set("done", stage=len(matrix["stages"]) - 1)
+    status.release_space()
     return matrix
 
 
