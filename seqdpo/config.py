@@ -71,6 +71,9 @@ class DatasetConfig:
     # model.max_length dropped or truncated more than this fraction of gets a warning.
     min_pairs: int = 1
     warn_fraction: float = 0.05
+    # Eval pairs that are also training pairs (same prompt, chosen and rejected): above this fraction of an
+    # objective's eval split the job refuses to run (1 = allow any).
+    max_overlap: float = 0.01
 
 
 @dataclass
@@ -350,6 +353,7 @@ def _ranges(cfg: RunConfig) -> list[tuple[str, Any, str, bool]]:
           for k, v in (("n_train", ds.n_train), ("n_eval", ds.n_eval))],
         ("dataset.min_pairs", ds.min_pairs, ">= 1", ds.min_pairs >= 1),
         ("dataset.warn_fraction", ds.warn_fraction, "in [0, 1]", 0 <= ds.warn_fraction <= 1),
+        ("dataset.max_overlap", ds.max_overlap, "in [0, 1] (1 = allow any overlap)", 0 <= ds.max_overlap <= 1),
         ("diagnostics.grad_cosine_points", d.grad_cosine_points, ">= 1 (1 = stage start only)", d.grad_cosine_points >= 1),
         ("diagnostics.probe_blocks", d.probe_blocks, ">= 2 (two halves give the noise floor)", d.probe_blocks >= 2),
         ("diagnostics.probe_pairs", d.probe_pairs, f">= diagnostics.probe_blocks ({d.probe_blocks})", d.probe_pairs >= d.probe_blocks),

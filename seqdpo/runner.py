@@ -21,9 +21,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from transformers import TrainerCallback
 
 from seqdpo import config as C
 from seqdpo.config import RunConfig
+from seqdpo.filemodes import follow_umask
 from seqdpo.jobdir import check_output_dir, claim_output_dir, clear_job_results
 from seqdpo.joblock import job_lock
 from seqdpo.resume import latest_intact_checkpoint, read_trained, stage_train_loss, trainer_state_step, write_trained
@@ -132,6 +134,7 @@ def _run_stages(cfg: RunConfig, out: Path, tracker, status) -> dict:
     peft_model = get_peft_model(model, make_lora_config(cfg.lora))
     if is_main_process() and not (out / "adapter_init").exists():
         peft_model.save_pretrained(out / "adapter_init")
+        follow_umask(out / "adapter_init")  # safetensors writes 0600
 
     fingerprint = model_fingerprint(cfg.model, tok)
     refs = _ReferenceSource(cfg, peft_model, fingerprint)
@@ -170,6 +173,7 @@ def _run_stages(cfg: RunConfig, out: Path, tracker, status) -> dict:
                 clock.start(k, f"merging the adapters of stages {list(stage.merge)}, then evaluating")
                 merge_into_default(peft_model, [out / f"stage_{j}" / "adapter" for j in stage.merge], cfg.strategy, cfg.seed)
                 peft_model.save_pretrained(sd / "adapter")
+                follow_umask(sd / "adapter")  # safetensors writes 0600
                 pairs = evaluate(k)
                 _finish_stage(sd, pairs, {**stage.info, **behave(k, sd)}, tracker, k)
                 clock.end(k, pairs)
@@ -267,7 +271,7 @@ def _train_stage(cfg, peft_model, tok, train_ds, sd: Path, k: int, tracker, reco
         sd.mkdir(parents=True, exist_ok=True)
         stage.pairs.to_parquet(sd / "train_pairs.parquet", index=False)
     args = make_dpo_config(cfg, str(sd / "checkpoints"), seed=cfg.seed + k, max_steps=stage.max_steps)
-    callbacks = [tracker.stage_callback(k)] if tracker is not None else []
+    callbacks = [_CheckpointModes(), *([tracker.stage_callback(k)] if tracker is not None else [])]
     trainer = SeqDPOTrainer(
         model=peft_model, args=args, train_dataset=train_ds, processing_class=tok, loss=cfg.loss,
         packing=cfg.model.packing, callbacks=callbacks, label=label,
@@ -296,6 +300,7 @@ def _train_stage(cfg, peft_model, tok, train_ds, sd: Path, k: int, tracker, reco
                 tracker.series("grad_cosine", "progress", grad_cosine_rows(diag))
     if is_main_process():
         peft_model.save_pretrained(sd / "adapter")
+        follow_umask(sd / "adapter")  # safetensors writes 0600
         with open(sd / "train_log.jsonl", "w") as f:
             for row in trainer.state.log_history:
                 f.write(json.dumps(row) + "\n")
@@ -303,6 +308,14 @@ def _train_stage(cfg, peft_model, tok, train_ds, sd: Path, k: int, tracker, reco
         # checkpoints stay until DONE, so a stop before then still resumes rather than retrains.
         write_trained(sd, info)
     return info
+
+
+class _CheckpointModes(TrainerCallback):
+    """A checkpoint's adapter follows the umask too (safetensors writes 0600)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            follow_umask(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
 
 def _load_adapter(peft_model, folder: Path) -> None:

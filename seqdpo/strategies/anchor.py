@@ -99,6 +99,8 @@ def build_penalty(cfg: RunConfig, trainer, rows, stage_dir: Path, main_process: 
         return L2Anchor(model, s.strength)
     from safetensors.torch import load_file, save_file
 
+    from seqdpo.filemodes import follow_umask
+
     path = Path(stage_dir) / FISHER_FILE
     if "ref_chosen_logps" not in rows.column_names:  # reference=previous: what the previous stage trained with
         from seqdpo.refcache import with_reference_columns
@@ -112,4 +114,5 @@ def build_penalty(cfg: RunConfig, trainer, rows, stage_dir: Path, main_process: 
         if main_process:
             path.parent.mkdir(parents=True, exist_ok=True)
             save_file({k: v.contiguous() for k, v in fisher.items()}, str(path))
+            follow_umask(path)  # safetensors writes 0600
     return EWCAnchor(model, s.strength, fisher)
