@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import json
 import math
+import typing
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
@@ -397,11 +398,36 @@ def _check_known_keys(cfg: RunConfig) -> None:
     itself suggests after "Could not override") would otherwise be ignored without a word. Free-form
     dicts (`dataset.options`, validated by the dataset builders) are not schema and stay open.
     """
-    known = list(_schema_keys(cfg))
     for key in _extra_keys(cfg):
-        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-        hint = f"did you mean '{close[0]}'?" if close else "the keys are listed in README.md (Configuration)"
-        raise ConfigError(key, f"unknown key (added with + or ++?): it would be ignored; {hint}")
+        raise ConfigError(key, f"unknown key (added with + or ++?): it would be ignored; {key_hint(key)}")
+
+
+def key_hint(key: str) -> str:
+    """'did you mean 'lr'?' for a key the schema does not have."""
+    close = difflib.get_close_matches(key, [k for k, _ in _schema_types(RunConfig)], n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'?" if close else "the keys are listed in README.md (Configuration)"
+
+
+def is_schema_key(key: str) -> bool:
+    """Whether `key` is a key of the schema, or one inside a free-form dict of it (dataset.options.*)."""
+    types = dict(_schema_types(RunConfig))
+    parts = key.split(".")
+    for n in range(1, len(parts) + 1):
+        t = types.get(".".join(parts[:n]))
+        if t is None:
+            return False
+        if typing.get_origin(t) is dict or t is dict:
+            return True
+    return True
+
+
+def _schema_types(cls, prefix: str = ""):
+    """(dotted key, type) for every key of a schema dataclass, nested ones included."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        yield prefix + f.name, hints[f.name]
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _schema_types(hints[f.name], f"{prefix}{f.name}.")
 
 
 def _schema_keys(obj, prefix: str = ""):

@@ -75,10 +75,23 @@ def quiet_libraries() -> None:
         datasets_logger.removeHandler(handler)
     datasets_logger.propagate = True
     logging.captureWarnings(True)  # Python warnings into the job log too, not only onto stderr
+    # A resumed stage skips its first batches through accelerate's SkipDataLoader, which has no length,
+    # so every gather_for_metrics of TRL's training metrics logs "The used dataset had no length, returning
+    # gathered tensors. You should drop the remainder yourself." (six times a stage). Those are logging
+    # means, not results (seqdpo evaluates on its own), so there is nothing for a user to drop.
+    logging.getLogger("accelerate.accelerator").addFilter(NO_LENGTH_NOTICE)
     # transformers' W&B integration prints "[INFO] Running in WANDB offline mode" when it is first
     # imported (TRL imports it): import it here with that print swallowed.
     with contextlib.redirect_stdout(io.StringIO()):
         import transformers.integrations.integration_utils  # noqa: F401
+
+
+class _NoLengthNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("The used dataset had no length")
+
+
+NO_LENGTH_NOTICE = _NoLengthNotice()  # one instance: addFilter skips it when a multirun's next job adds it again
 
 
 def config_summary(cfg, signature: str, out_dir: str) -> str:

@@ -21,10 +21,12 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from seqdpo.config import RunConfig
+from seqdpo.filemodes import follow_umask
 from seqdpo.wandb_keys import flat_config
 
 log = logging.getLogger("seqdpo")
 RUN_ID_FILE = "wandb_run_id.txt"
+USER_DATA_DIR = os.environ.get("WANDB_DATA_DIR")  # one the user chose is left alone
 
 
 def job_run_id(out_dir: Path, signature: str) -> tuple[str, bool]:
@@ -51,6 +53,12 @@ class Tracker:
         import wandb
 
         os.environ.setdefault("WANDB_MODE", cfg.logger.mode)
+        if USER_DATA_DIR is None:
+            # W&B stages the files of logged tables and images (read-only copies, ~9 a job) under its data
+            # directory, by default in the home directory, and never removes those an offline run made: they
+            # stay with the job instead, where `wandb sync` of this run reads them and deleting the job
+            # removes them (read when each file is staged, so a multirun's jobs each get their own).
+            os.environ["WANDB_DATA_DIR"] = str(Path(out_dir).resolve() / "wandb" / "data")
         self.run = wandb.init(
             project=cfg.logger.project,
             entity=cfg.logger.entity,
@@ -139,6 +147,7 @@ class Tracker:
         if self.run is not None:
             self.run.finish()
             self.run = None
+            follow_umask(self.path.parent / "wandb")  # its staged files are read-only to their owner alone
 
 
 class _StageLogCallback(TrainerCallback):

@@ -272,13 +272,14 @@ def _tiny_job(root, job, *extra):
 
 def test_a_second_job_on_a_live_directory_is_refused_and_the_first_finishes(tmp_path):
     job = tmp_path / "job"
-    cmd = _tiny_job(tmp_path, job, "train.max_steps=40", "logger=wandb")
-    env = job_env(SEQDPO_HEARTBEAT_S="0.2")
+    cmd = _tiny_job(tmp_path, job, "logger=wandb")
+    env = job_env()
     first = _start(cmd, tmp_path, env, "first")
     try:
         _wait(first, lambda: (job / "status.json").exists() and _status(job)["stage"] is not None, "the first job's stage 0")
+        first.send_signal(signal.SIGSTOP)  # alive, holding the directory, however long the second takes to start
         second = run(cmd, cwd=tmp_path, env=env, timeout=600)
-        assert first.poll() is None, "the first job ended before the second started; make it longer"
+        first.send_signal(signal.SIGCONT)
         first.wait(timeout=900)
     finally:
         if first.poll() is None:
