@@ -88,7 +88,7 @@ def quiet_libraries() -> None:
 
 class _NoLengthNotice(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("The used dataset had no length")
+        return "The used dataset had no length" not in record.getMessage()  # after accelerate's "[RANK 0] "
 
 
 NO_LENGTH_NOTICE = _NoLengthNotice()  # one instance: addFilter skips it when a multirun's next job adds it again

@@ -129,7 +129,8 @@ class JobStatus:
                 os.fsync(f.fileno())  # allocated now, not when the page cache is written back
 
     def release_space(self) -> None:
-        self.reserve.unlink(missing_ok=True)
+        if self.enabled:  # a DDP rank other than 0 must not take rank 0's reserve
+            self.reserve.unlink(missing_ok=True)
 
     def _write(self, use_reserve: bool = True) -> None:
         """Atomic (a reader sees the old file or the new one). On a full disk the reserve file goes and
