@@ -194,12 +194,14 @@ class StrategyConfig:
 
     name: str = "sequential"  # sequential | joint | replay | merge | anchor
     ratio: float = 0.25  # replay: pairs replayed in a stage per pair of its own objective
+    match_steps: bool = True  # replay: a stage trains as many optimizer steps as sequential's stage would
     method: str = "linear"  # merge: PEFT combination, linear | ties | dare_linear | dare_ties
-    weights: Optional[list[float]] = None  # merge: one per stage's adapter; None = equal weights summing to 1
+    weights: Optional[list[float]] = None  # merge: one per stage's adapter; None = equal (seqdpo/strategies/merge.py)
     density: float = 0.5  # merge: fraction of each adapter's entries kept by ties / dare
-    penalty: str = "l2"  # anchor: l2 (effective update B A) | ewc (diagonal Fisher on the LoRA parameters)
+    penalty: str = "l2"  # anchor: l2 | ewc, both on the LoRA factors (seqdpo/strategies/anchor.py)
     strength: float = 1.0  # anchor: weight of the penalty (0 = sequential)
-    fisher_pairs: int = 64  # anchor ewc: previous-stage pairs in the Fisher estimate
+    fisher_pairs: int = 64  # anchor ewc: pairs of each earlier stage in its Fisher estimate
+    decay: float = 1.0  # anchor: stage j's term weighs decay^(k-1-j) in stage k (1 = every earlier stage in full)
 
 
 @dataclass
@@ -242,9 +244,9 @@ LOGGER_MODES = ("offline", "online", "disabled")
 STRATEGY_KEYS = {
     "sequential": (),
     "joint": (),
-    "replay": ("ratio",),
+    "replay": ("ratio", "match_steps"),
     "merge": ("method", "weights", "density"),
-    "anchor": ("penalty", "strength", "fisher_pairs"),
+    "anchor": ("penalty", "strength", "fisher_pairs", "decay"),
 }
 MERGE_METHODS = ("linear", "ties", "dare_linear", "dare_ties")
 ANCHOR_PENALTIES = ("l2", "ewc")
@@ -471,6 +473,8 @@ def _validate_strategy(cfg: RunConfig) -> None:
         raise ConfigError("strategy.strength", f"must be >= 0, got {s.strength}")
     if s.fisher_pairs < 1:
         raise ConfigError("strategy.fisher_pairs", f"must be >= 1, got {s.fisher_pairs}")
+    if not 0 < s.decay <= 1:
+        raise ConfigError("strategy.decay", f"must be in (0, 1], got {s.decay}")
 
 
 def _check_packing(model: ModelConfig) -> None:

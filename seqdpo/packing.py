@@ -110,6 +110,7 @@ class PairCollator:
             same = len({len(p) + len(c) for p, c in seqs}) == 1 and not self.pad_to_multiple_of
             out = self._pair(seqs) if self.packing == "pair" and not same else self._padded(seqs)
         out["num_pairs"] = len(features)
+        out["num_tokens"] = sum(len(p) + len(c) + len(r) for p, c, r in pairs)  # of the pairs, whatever the layout
         for key in _REF_KEYS:
             if key in features[0]:
                 out[key] = torch.tensor([float(f[key]) for f in features], dtype=torch.float32)

@@ -164,6 +164,9 @@ def _run_stages(cfg: RunConfig, out: Path, tracker, status) -> dict:
     for k, stage in enumerate(plan, start=1):
         sd = out / f"stage_{k}"
         if (sd / "DONE").exists():
+            if stage.merge:  # the last row, and its adapter's rank is not the job's: nothing reads it later
+                log.info("stage %d (%s) finished earlier", k, stage.name)
+                continue
             _load_adapter(peft_model, sd / "adapter")
             log.info("stage %d (%s) finished earlier: adapter reloaded from %s", k, stage.name, sd / "adapter")
             continue
@@ -171,7 +174,11 @@ def _run_stages(cfg: RunConfig, out: Path, tracker, status) -> dict:
         if stage.merge:  # strategy=merge: no training, the stages' adapters combined (by rank 0, which wrote them)
             if is_main_process():
                 clock.start(k, f"merging the adapters of stages {list(stage.merge)}, then evaluating")
-                merge_into_default(peft_model, [out / f"stage_{j}" / "adapter" for j in stage.merge], cfg.strategy, cfg.seed)
+                merged = merge_into_default(peft_model, [out / f"stage_{j}" / "adapter" for j in stage.merge],
+                                            out / "adapter_init", cfg.strategy, cfg.seed)
+                stage.info.update(merged)
+                log.info("stage %d: merged adapter of rank %d, reconstruction error %.2e", k, merged["rank"],
+                         merged["reconstruction_error"])
                 peft_model.save_pretrained(sd / "adapter")
                 follow_umask(sd / "adapter")  # safetensors writes 0600
                 pairs = evaluate(k)
@@ -215,7 +222,8 @@ def _write_results(cfg: RunConfig, out: Path, tracker, stage_names, objectives, 
     matrix.update(job_intervals(pairs, matrix, n_boot=cfg.eval.bootstrap, seed=cfg.seed,
                                 stay_threshold=cfg.diagnostics.stay_threshold, tie_tolerance=cfg.eval.tie_tolerance))
     matrix["reference_forwards"] = refs.counter()
-    matrix["strategy"] = {"name": cfg.strategy.name, "stages": summary(plan)}
+    done = [json.loads((out / f"stage_{k}" / "DONE").read_text()) for k in range(1, len(stage_names))]
+    matrix["strategy"] = {"name": cfg.strategy.name, "stages": summary(plan, done)}
     if behaviour is not None:
         matrix["behaviour"] = behaviour.summary(stage_names)
     matrix["pairs"] = accounting  # seqdpo.data.accounting: rows read, pairs built, dropped, truncated, kept
@@ -277,7 +285,7 @@ def _train_stage(cfg, peft_model, tok, train_ds, sd: Path, k: int, tracker, reco
         packing=cfg.model.packing, callbacks=callbacks, label=label,
     )
     if stage.anchored:
-        trainer.penalty = build_penalty(cfg, trainer, stage.anchor_rows, sd, is_main_process())
+        trainer.penalty = build_penalty(cfg, trainer, stage.anchor_sets, sd, is_main_process())
     if recorder is not None:
         recorder.on_stage_start(k, trainer)
     resume, torn = latest_intact_checkpoint(sd / "checkpoints", set_aside=is_main_process())
@@ -287,8 +295,11 @@ def _train_stage(cfg, peft_model, tok, train_ds, sd: Path, k: int, tracker, reco
     result = trainer.train(resume_from_checkpoint=resume)
     loss, loss_steps = stage_train_loss(trainer.state.log_history, resumed_step, result.training_loss,
                                         result.global_step - resumed_step)
+    seen = trainer.seen or {"pairs": None, "tokens": None}
     info = {"train_loss": loss, "train_loss_steps": loss_steps, "train_steps": result.global_step,
-            "resumed_from": resume, "torn_checkpoints": torn}
+            "pairs_seen": seen["pairs"], "tokens_seen": seen["tokens"], "resumed_from": resume, "torn_checkpoints": torn,
+            **(trainer.penalty.record if trainer.penalty is not None else {})}
+    log.info("stage %d: %d optimizer steps on %s pairs, %s tokens", k, result.global_step, seen["pairs"], seen["tokens"])
     if recorder is not None:
         diag = recorder.on_stage_end(k, trainer)
         if is_main_process():

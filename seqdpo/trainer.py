@@ -14,6 +14,10 @@ logging); seqdpo replaces three things:
 
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
+
 import torch
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import DPOConfig, DPOTrainer
@@ -23,6 +27,9 @@ from seqdpo.logprobs import PairCollator, sequence_logps
 from seqdpo.losses import PairLogps, compute_loss
 from seqdpo.packing import DEFAULT_PACKING
 from seqdpo.progress import StageProgress
+
+log = logging.getLogger("seqdpo")
+SEEN_FILE = "seqdpo_seen.json"  # in each checkpoint: what the stage trained on up to it
 
 
 def make_dpo_config(cfg: RunConfig, output_dir: str, *, seed: int, max_steps: int | None = None) -> DPOConfig:
@@ -69,6 +76,9 @@ class SeqDPOTrainer(DPOTrainer):
         self.loss_cfg = loss
         # A callable () -> scalar added to the training loss (strategy=anchor); None for every other strategy.
         self.penalty = None
+        # Pairs and tokens (prompt + chosen + rejected, all processes) the optimizer steps were taken on;
+        # None when resumed from a checkpoint that did not record them
+        self.seen: dict | None = {"pairs": 0, "tokens": 0}
         super().__init__(
             model=model,
             ref_model=None,
@@ -115,7 +125,32 @@ class SeqDPOTrainer(DPOTrainer):
         inputs = self._prepare_inputs(self.data_collator(features))
         return compute_loss(self.pair_logps(self.model, inputs), self.loss_cfg, self.beta)
 
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        if resume_from_checkpoint:
+            path = Path(resume_from_checkpoint) / SEEN_FILE
+            self.seen = json.loads(path.read_text()) if path.exists() else None
+            if self.seen is None:
+                log.warning("%s has no %s: the stage's pairs and tokens seen are not known", resume_from_checkpoint, SEEN_FILE)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        # Before the Trainer's files: a checkpoint complete by seqdpo.resume's test also holds this one
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / SEEN_FILE).write_text(json.dumps(self.seen))
+        super()._save_checkpoint(model, trial)
+
+    def _count_seen(self, inputs) -> None:
+        n = torch.tensor([inputs["num_pairs"], inputs["num_tokens"]], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            n = self.accelerator.reduce(n, reduction="sum")
+        if self.seen is not None:
+            self.seen = {"pairs": self.seen["pairs"] + int(n[0]), "tokens": self.seen["tokens"] + int(n[1])}
+
     def _compute_loss(self, model, inputs, return_outputs):
+        if model.training:
+            self._count_seen(inputs)
         logps = self.pair_logps(model, inputs)
         loss = compute_loss(logps, self.loss_cfg, self.beta)
         self._record_metrics("train" if model.training else "eval", logps)

@@ -108,6 +108,9 @@ BAD_CONFIGS = [
     (["strategy=anchor", "strategy.penalty=l1"], "strategy.penalty", "not one of"),
     (["strategy=anchor", "strategy.strength=-1"], "strategy.strength", ">= 0"),
     (["strategy=anchor", "strategy.fisher_pairs=0"], "strategy.fisher_pairs", ">= 1"),
+    (["strategy=anchor", "strategy.decay=0"], "strategy.decay", "(0, 1]"),
+    (["strategy=anchor", "strategy.decay=1.5"], "strategy.decay", "(0, 1]"),
+    (["strategy=anchor", "strategy.match_steps=false"], "strategy.match_steps", "applies to strategy ['replay']"),
     (["strategy=replay", "strategy.strength=2"], "strategy.strength", "applies to strategy ['anchor']"),
     (["strategy.ratio=0.5"], "strategy.ratio", "not 'sequential'"),
 ]

@@ -237,8 +237,13 @@ def test_helpsteer2_pairs_ties_and_multi_turn():
     assert [m["role"] for m in helpful["train-4"]["prompt"]] == ["user", "assistant", "user"]
     assert helpful["train-4"]["prompt"][1]["content"] == "A three-line poem of 5, 7 and 5 syllables."
     assert helpful["train-4"]["prompt"][2]["content"] == "Write one about rain."
-    # three consecutive rows share a prompt at the end: no pairing is implied, so they are dropped
-    assert objectives["helpfulness"].stats["train"]["unpaired_rows"] == 3
+    # three consecutive rows share a prompt at the end (helpfulness 4, 1, 2): every two of them are a pair
+    assert text(helpful["train-24-25"]["chosen"]) == text(helpful["train-24-26"]["chosen"])
+    assert text(helpful["train-25-26"]["chosen"]) == text(helpful["train-24-26"]["rejected"])
+    assert "train-24" not in helpful and "train-25" not in helpful
+    stats = objectives["helpfulness"].stats["train"]
+    assert (stats["unpaired_rows"], stats["same_prompt_pairs"]) == (0, 12 + 3)
+    assert stats["same_prompt_pairs"] == stats["pairs"] + stats["dropped_tie"]
     assert all(pid.startswith("validation-") for pid in objectives["helpfulness"].eval["pair_id"])
 
 

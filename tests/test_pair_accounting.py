@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_config
+from real_data import needs, read_lines, shared_file, write_lines
 from seqdpo.config import DatasetConfig
 from seqdpo.data import DataError, build_objectives
 from seqdpo.data.accounting import prepare_pairs
@@ -23,7 +24,8 @@ EDGE_ROWS = ["marker_in_response", "human_in_response", "marker_in_prompt_turn",
              "truncation_tie"]
 EDGE_START = {"train": 20, "eval": 6}  # first edge row of harmless-base train / test
 HUB_SPLIT = {"train": "train", "eval": "test"}
-REAL_HH = Path(os.environ.get("SEQDPO_REAL_HH", REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"))
+REAL_HH = Path(os.environ.get("SEQDPO_REAL_HH", shared_file("hh-rlhf/harmless-base/test.jsonl.gz")))
+NEEDS_REAL_HH = needs(REAL_HH, "set SEQDPO_REAL_HH to the file's path (or SEQDPO_SHARED_DATA to a directory that holds it)")
 
 
 def edge_id(split: str, name: str) -> str:
@@ -304,18 +306,22 @@ def test_job_on_hh_fixtures_stores_its_pair_accounting(tmp_path, caplog):
     assert "## Pairs kept and dropped" in (tmp_path / "report" / "summary.md").read_text()
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not REAL_HH.exists(), reason=(
-    f"the real HH-RLHF harmless-base test split is not at {REAL_HH}: place anthropics/hh-rlhf's "
-    "harmless-base/test.jsonl.gz there (or set SEQDPO_REAL_HH to its path) to run this test"))
-def test_job_on_real_hh_rows_accounts_for_every_row(tmp_path, tok):
-    """The 2,312 rows of the real split as objective `harmless`: all accounted at the tiny model's
-    max_length (256), and a 2-stage job on a draw of them (README, "What gets dropped, and why")."""
+def hh_root(tmp_path, harmless_train: list[str], harmless_test: list[str]) -> Path:
+    """A hub layout with these harmless-base lines; helpful-base is the fixture's (no real helpful-base
+    rows are at hand)."""
     root = tmp_path / "hh"
-    (root / "harmless-base").mkdir(parents=True)
+    write_lines(root / "harmless-base" / "train.jsonl.gz", harmless_train)
+    write_lines(root / "harmless-base" / "test.jsonl.gz", harmless_test)
     (root / "helpful-base").symlink_to(FIXTURE_HH / "helpful-base")
-    for name in ("train", "test"):
-        (root / "harmless-base" / f"{name}.jsonl.gz").symlink_to(REAL_HH.resolve())
+    return root
+
+
+@pytest.mark.slow
+@NEEDS_REAL_HH
+def test_real_hh_rows_are_all_accounted_for(tmp_path, tok):
+    """The 2,312 rows of the real split as objective `harmless`: all accounted at the tiny model's
+    max_length (256) (README, "What gets dropped, and why")."""
+    root = hh_root(tmp_path, read_lines(FIXTURE_HH / "harmless-base" / "train.jsonl.gz"), read_lines(REAL_HH))
     objective = build_objectives(hh_cfg(root), seed=0)["harmless"]
     a = prepare_pairs({"harmless": objective}, tok, hh_cfg(root, warn_fraction=1.0), 256, seed=0).table()["harmless"]["eval"]
     assert_adds_up(a)
@@ -329,10 +335,25 @@ def test_job_on_real_hh_rows_accounts_for_every_row(tmp_path, tok):
     assert rows["test-2036"]["chosen"][0]["content"].startswith("Human: Okay, so once")
     assert rows["test-2036"]["prompt"][-1] == {"role": "user", "content": "Yes, I have that."}
 
-    out, matrix = _hh_job(tmp_path, root, "dataset.n_train=32", "dataset.n_eval=32", "dataset.warn_fraction=1.0",
-                          "logger=none")
-    for split, n in (("train", 32), ("eval", 32)):
-        assert_adds_up(matrix["pairs"]["harmless"][split])
-        assert matrix["pairs"]["harmless"][split]["kept"] == n
+
+@pytest.mark.slow
+@NEEDS_REAL_HH
+def test_job_on_real_hh_harmless_rows_from_disjoint_halves(tmp_path, caplog):
+    """The paper's HH pair, helpful -> harmless, with harmless on real rows: train from the split's first
+    half, eval from its second (no pair in both), and the job's pair accounting in its log."""
+    half = 1156
+    lines = read_lines(REAL_HH)
+    assert not set(lines[:half]) & set(lines[half:])  # no row of the file is in both halves
+    root = hh_root(tmp_path, lines[:half], lines[half:])
+    with caplog.at_level(logging.INFO, logger="seqdpo"):
+        out, matrix = _hh_job(tmp_path, root, "dataset.n_train=16", "dataset.n_eval=16", "dataset.warn_fraction=1.0",
+                              "logger=none")
+    assert matrix["stages"][1:] == ["helpful", "harmless"]
+    harmless = matrix["pairs"]["harmless"]
+    for split, rows in (("train", half), ("eval", 2312 - half)):
+        assert_adds_up(harmless[split])
+        assert (harmless[split]["rows"], harmless[split]["kept"]) == (rows, 16)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("pairs harmless: "))
+    assert line.startswith(f"pairs harmless: train: 16 kept of 16 requested ({half} rows read, ")
     pairs = __import__("pandas").read_parquet(out / "pairs.parquet")
-    assert pairs[pairs.objective == "harmless"].pair_id.nunique() == 32
+    assert pairs[pairs.objective == "harmless"].groupby("stage").pair_id.nunique().to_list() == [16, 16, 16]

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 
 from cluster_helpers import assert_same_pairs
 from conftest import CONF, run_config
@@ -40,9 +40,15 @@ def test_signature_holds_only_the_keys_a_strategy_reads():
 # --- plans (no model) ---------------------------------------------------------------------------------
 
 
+def _set(name, k, swapped=0):
+    """k pairs of prompt i with response i over response i + 100; the first `swapped` prefer the other way round."""
+    return Dataset.from_dict({"pair_id": [f"{name}-{i}" for i in range(k)], "prompt": [f"prompt {i}" for i in range(k)],
+                              "chosen": [f"response {i + 100 * (i < swapped)}" for i in range(k)],
+                              "rejected": [f"response {i + 100 * (i >= swapped)}" for i in range(k)]})
+
+
 def _sets(sizes=(8, 8), names=("polite", "factual")):
-    return list(names), [Dataset.from_dict({"pair_id": [f"{n}-{i}" for i in range(k)], "x": list(range(k))})
-                         for n, k in zip(names, sizes)]
+    return list(names), [_set(n, k) for n, k in zip(names, sizes)]
 
 
 @pytest.mark.parametrize("ratio,expected", [(0.25, 2), (0.5, 4), (2.0, 8)])
@@ -60,6 +66,7 @@ def test_replay_draws_the_ratio_once_and_trains_on_the_record(tmp_path, ratio, e
     assert sorted(stage2.pairs[stage2.pairs.objective == "polite"].pair_id) == sorted(record.pair_id)
     assert (stage2.pairs.objective == "factual").sum() == 8
     assert stage2.info == {"replayed": expected, "replay_requested": int(round(ratio * 8)), "replay_capped": int(round(ratio * 8)) - expected}
+    assert stage2.max_steps == 1  # match_steps: sequential's 8 pairs at batch 8, whatever was replayed
     # a rerun trains on the recorded pairs, not on a new draw
     record = record.iloc[1:]
     record.to_parquet(tmp_path / "replay.parquet", index=False)
@@ -84,12 +91,36 @@ def test_replay_pool_is_every_earlier_stage_and_the_draw_follows_the_seed(tmp_pa
     assert not first.equals(draw(cfg, own))
 
 
+@pytest.mark.parametrize("n,batch,accum,epochs", [(8, 8, 1, 1.0), (9, 4, 1, 1.0), (12, 4, 2, 1.0), (10, 4, 1, 2.5), (3, 8, 4, 1.0)])
+def test_optimizer_steps_is_what_the_trainer_runs(n, batch, accum, epochs, tmp_path):
+    """The count match_steps and joint plan with, against transformers' own count for the same dataloader."""
+    from transformers import Trainer, TrainingArguments
+
+    from seqdpo.strategies import optimizer_steps
+
+    cfg = run_config([f"train.batch_size={batch}", f"train.grad_accum={accum}", f"train.epochs={epochs}"])
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
+                             num_train_epochs=epochs, use_cpu=True, report_to="none")
+    trainer = Trainer(model=torch.nn.Linear(1, 1), args=args, train_dataset=[{"x": i} for i in range(n)])
+    expected = trainer.set_initial_training_values(args, trainer.get_train_dataloader())[6]  # its max_steps
+    assert optimizer_steps(cfg, n) == expected
+
+
+def test_replay_without_match_steps_passes_over_every_pair(tmp_path):
+    from seqdpo.strategies import plan_stages
+
+    cfg = run_config(["strategy=replay", "strategy.ratio=1.0", "strategy.match_steps=false"])
+    objs, sets = _sets((8, 8))
+    assert plan_stages(cfg, objs, sets, tmp_path, write=True)[1].max_steps is None  # 16 pairs: 2 steps, sequential's 1
+
+
 def test_joint_is_one_stage_on_the_union(tmp_path):
     from seqdpo.strategies import plan_stages
 
     objs, sets = _sets((8, 6))
     (plan,) = plan_stages(run_config(["strategy=joint"]), objs, sets, tmp_path, write=True)
-    assert plan.name == "joint" and len(plan.train) == 14 and plan.max_steps is None
+    assert plan.name == "joint" and len(plan.train) == 14 and plan.max_steps == 2  # sequential: 1 step a stage at batch 8
+    assert plan.info["contradictory_pairs"] == 0
     from seqdpo.strategies import row_names
 
     assert row_names("joint", objs) == ["joint"] and row_names("replay", objs) == objs
@@ -102,6 +133,30 @@ def test_joint_is_one_stage_on_the_union(tmp_path):
     assert len(plan.train) == 14 and plan.info["repeated_pairs_dropped"] == 8
 
 
+def test_contradictory_pairs_are_the_same_prompt_with_the_responses_swapped():
+    from seqdpo.strategies.contradictions import contradictory_pairs
+
+    union = concatenate_datasets([_set("helpful", 8), _set("harmless", 8, swapped=3)])  # prompts 0-2 flip
+    assert contradictory_pairs(union, "hh_rlhf") == 6  # both members of each of the 3 twins
+    assert contradictory_pairs(_set("helpful", 8), "hh_rlhf") == 0
+
+
+@pytest.mark.parametrize("relation,strength,expected", [("conflicting", 1.0, 256), ("conflicting", 0.5, 132), ("orthogonal", 0.5, 0)])
+def test_joint_counts_and_warns_about_the_synthetic_worlds_contradictions(tmp_path, caplog, relation, strength, expected):
+    """The conflicting world's coupled pairs are twins across objectives (polite over factual, factual over
+    polite): every pair at strength 1, about half at 0.5 (the study's setting), none when orthogonal."""
+    from seqdpo.data import build_objectives
+    from seqdpo.strategies import plan_stages
+
+    cfg = run_config(["experiment=mitigations", "strategy=joint", f"dataset.options.relation={relation}",
+                      f"dataset.options.strength={strength}"])
+    objectives = build_objectives(cfg.dataset, cfg.seed)
+    with caplog.at_level("WARNING", logger="seqdpo"):
+        (plan,) = plan_stages(cfg, ["polite", "factual"], [objectives[o].train for o in ("polite", "factual")], tmp_path, write=True)
+    assert plan.info["contradictory_pairs"] == expected
+    assert (f"joint: {expected} of the 256 pairs in the union have a twin" in caplog.text) == (expected > 0)
+
+
 def test_merge_trains_fresh_adapters_then_a_merged_row(tmp_path):
     from seqdpo.strategies import plan_stages, row_names
 
@@ -109,29 +164,102 @@ def test_merge_trains_fresh_adapters_then_a_merged_row(tmp_path):
     plans = plan_stages(run_config(["strategy=merge", "strategy.method=ties"]), objs, sets, tmp_path, write=True)
     assert [p.name for p in plans] == ["polite", "factual", "merged"]
     assert [p.fresh for p in plans] == [False, True, False] and plans[2].train is None and plans[2].merge == (1, 2)
-    assert plans[2].info == {"method": "ties", "weights": [0.5, 0.5], "density": 0.5}
+    assert plans[2].info == {"method": "ties", "weights": [1.0, 1.0], "density": 0.5}  # ties averages by itself
     assert [p.name for p in plans] == ["polite", "factual", "merged"] == row_names("merge", objs)
 
 
-def test_l2_anchor_is_the_squared_change_of_the_effective_update():
+def _lora_net():
     from peft import LoraConfig, get_peft_model
-    from peft.tuners.lora import LoraLayer
-
-    from seqdpo.strategies.anchor import L2Anchor
 
     torch.manual_seed(0)
-    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 4)),
-                           LoraConfig(r=2, lora_alpha=6, target_modules=["0", "1"], init_lora_weights=False))
-    penalty = L2Anchor(model, strength=3.0)
-    assert abs(float(penalty())) < 1e-9
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    before = [m.get_delta_weight("default").detach().clone() for m in layers]
+    return get_peft_model(torch.nn.Sequential(torch.nn.Linear(12, 10), torch.nn.Linear(10, 8)),
+                          LoraConfig(r=2, lora_alpha=6, target_modules=["0", "1"]))
+
+
+def _trained_from(model, init: dict, seed: int, scale=0.1):
+    """The adapter moved at random from `init`, as a stage trained from it; its weight change per module."""
+    from peft.tuners.lora import LoraLayer
+
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in model.parameters():
+        for n, p in model.named_parameters():
             if p.requires_grad:
-                p.add_(0.1 * torch.randn_like(p))
-    dense = sum(float(((m.get_delta_weight("default") - b) ** 2).sum()) for m, b in zip(layers, before))
-    assert float(penalty()) == pytest.approx(3.0 * dense, rel=1e-4)
+                p.copy_(init[n] + scale * torch.randn(p.shape, generator=gen))
+    return {n: m.get_delta_weight("default").detach().clone() for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def _merged(tmp_path, weights=None, method="linear", density=0.5, same=False):
+    """(merge record, the merged weight change per module, the singles' weight changes) of two adapters."""
+    from peft.tuners.lora import LoraLayer
+
+    from seqdpo.config import StrategyConfig
+    from seqdpo.strategies.merge import merge_into_default
+
+    model = _lora_net()
+    model.save_pretrained(tmp_path / "init")
+    init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    deltas = []
+    for i in (1, 2):
+        deltas.append(_trained_from(model, init, seed=1 if same else i))
+        model.save_pretrained(tmp_path / f"stage_{i}")
+    strategy = StrategyConfig(name="merge", method=method, weights=weights, density=density)
+    record = merge_into_default(model, [tmp_path / "stage_1", tmp_path / "stage_2"], tmp_path / "init", strategy, seed=0)
+    merged = {n: m.get_delta_weight("default").detach() for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    return record, merged, deltas
+
+
+def _close(a: dict, b: dict):
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-6 * float(b[n].abs().max()))
+
+
+@pytest.mark.parametrize("weights,expected", [(None, 0.5), ([0.5, 0.5], 0.5), ([1.0, 1.0], 1.0)])
+def test_linear_merge_is_the_weighted_sum_of_the_weight_changes(tmp_path, weights, expected):
+    """Equal weights (null) are the average of the two dW_i, (1, 1) their sum, exactly at rank 2 + 2."""
+    record, merged, (d1, d2) = _merged(tmp_path, weights)
+    _close(merged, {n: expected * (d1[n] + d2[n]) for n in d1})
+    assert record["rank"] == 4 and record["reconstruction_error"] < 1e-6
+
+
+def test_ties_on_two_identical_adapters_returns_that_adapter(tmp_path):
+    record, merged, (d1, d2) = _merged(tmp_path, method="ties", density=1.0, same=True)
+    _close(d1, d2)
+    _close(merged, d1)
+    assert record["rank"] == 4 and record["reconstruction_error"] < 1e-6
+
+
+def test_ties_trims_the_weight_changes_and_records_what_rank_4_loses(tmp_path):
+    """At density 0.5 TIES keeps the larger half of each dW_i's entries: a dense matrix of full rank, stored
+    at rank 4; the record is the relative Frobenius error of that truncation, computed here independently."""
+    record, merged, (d1, _) = _merged(tmp_path, method="ties", density=0.5, same=True)
+    err, size = 0.0, 0.0
+    for n, d in d1.items():
+        keep = d.abs() >= d.abs().flatten().topk(int(0.5 * d.numel())).values[-1]
+        trimmed = d * keep
+        U, S, Vh = torch.linalg.svd(trimmed, full_matrices=False)
+        best = U[:, :4] @ torch.diag(S[:4]) @ Vh[:4]
+        _close({n: merged[n]}, {n: best})
+        err, size = err + float(((best - trimmed) ** 2).sum()), size + float((trimmed ** 2).sum())
+    assert record["reconstruction_error"] == pytest.approx((err / size) ** 0.5, rel=1e-4) and record["reconstruction_error"] > 0.05
+
+
+def test_anchor_penalty_is_the_own_sum_over_earlier_stages_on_the_factors():
+    """strength * sum_j c_j sum_i F_ji (theta_i - theta_ji)^2 over every LoRA A and B (F = 1: L2)."""
+    from seqdpo.strategies.anchor import Anchor
+
+    model = _lora_net()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    theta1 = {n: p.detach() + 0.1 * torch.randn_like(p) for n, p in params.items()}
+    theta2 = {n: p.detach().clone() for n, p in params.items()}
+    fisher = {n: torch.rand_like(p) for n, p in params.items()}
+    for F in (None, fisher):
+        penalty = Anchor(model, 3.0, [(0.5, theta1, F), (1.0, theta2, F)])
+        with torch.no_grad():
+            for p in params.values():
+                p.add_(0.05)
+        own = sum(c * float((((params[n].detach() - t[n]) ** 2) * (1 if F is None else F[n])).sum())
+                  for c, t in ((0.5, theta1), (1.0, theta2)) for n in params)
+        assert penalty().item() == pytest.approx(3.0 * own, rel=1e-5)
 
 
 # --- real jobs -----------------------------------------------------------------------------------------
@@ -195,6 +323,9 @@ def test_every_strategy_writes_every_output(jobs, case):
         run = read_run(next((out / "wandb").glob("offline-run-*/run-*.wandb")))
         for k in range(len(rows)):  # the merged row too
             assert run["summary"][f"matrix/accuracy/stage{k}/polite"] == pytest.approx(matrix["metrics"]["accuracy"][k][0])
+        # the compute of each trained stage and the merged adapter's rank (2 x 32) beside them
+        assert [run["summary"][f"strategy/stage{k}/train_steps"] for k in (1, 2)] == [3, 3]
+        assert run["summary"]["strategy/stage1/pairs_seen"] == 12 and run["summary"]["strategy/stage3/rank"] == 64
 
 
 @pytest.mark.slow
@@ -214,6 +345,15 @@ def test_merge_measures_every_stage_from_the_initial_adapter(jobs):
     assert got["effective_cosine"] == pytest.approx(want["effective_cosine"], rel=1e-6)
     assert got["raw_cosine"] == pytest.approx(want["raw_cosine"], rel=1e-6)
     assert diag["movement"]["effective_norm"] == pytest.approx(M.movement(init, s2, scaling)["effective_norm"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_finished_merge_job_runs_again_without_reloading_the_merged_adapter(tmp_path_factory, cache):
+    """The merged adapter's rank (2 x 32) is not the job's (32): reloading it into the job's adapter failed."""
+    from seqdpo.runner import run_job
+
+    cfg, out, matrix = _run(tmp_path_factory, "merge_again", ["strategy=merge", *NO_DIAGNOSTICS], cache)
+    assert run_job(cfg, str(out))["metrics"] == matrix["metrics"]
 
 
 @pytest.mark.slow
@@ -242,7 +382,11 @@ def test_an_interrupted_job_resumes_to_the_same_pairs(jobs, case, tmp_path_facto
     cfg = jobs[case][0]
     run_job(cfg, str(out))
     last_trained = 1 if case == "joint" else 2
-    assert "checkpoint-" in json.loads((out / f"stage_{last_trained}" / "DONE").read_text())["resumed_from"]
+    done = json.loads((out / f"stage_{last_trained}" / "DONE").read_text())
+    assert "checkpoint-" in done["resumed_from"]
+    # the compute record spans the interruption: the checkpoint carries what was seen before it
+    uninterrupted = json.loads((jobs[case][1] / f"stage_{last_trained}" / "DONE").read_text())
+    assert (done["pairs_seen"], done["tokens_seen"]) == (uninterrupted["pairs_seen"], uninterrupted["tokens_seen"])
     assert_same_pairs(out / "pairs.parquet", jobs[case][1] / "pairs.parquet")
 
 
@@ -280,6 +424,57 @@ def test_merge_at_weights_one_zero_is_the_first_adapter(jobs, tmp_path_factory, 
     seq = pd.read_parquet(jobs["sequential"][1] / "pairs.parquet")
     pd.testing.assert_frame_equal(pairs[pairs.stage == 1].reset_index(drop=True),
                                   seq[seq.stage == 1].sort_values(["objective", "pair_id"]).reset_index(drop=True))
+
+
+@pytest.mark.slow
+def test_replay_with_match_steps_trains_sequentials_optimizer_steps(tmp_path_factory, cache, tmp_path):
+    """By epochs (no max_steps): sequential takes 2 steps of 4 pairs a stage on 8 pairs; replay's stage 2 holds
+    8 + 4 replayed pairs and, with match_steps, also takes 2 steps (8 of its 12 pairs seen)."""
+    from seqdpo.data import build_objectives
+    from seqdpo.data.accounting import prepare_pairs
+    from seqdpo.modeling import load_tokenizer
+    from seqdpo.report import build_report
+
+    epochs = ["train.max_steps=-1", *NO_DIAGNOSTICS]
+    runs = {name: _run(tmp_path_factory, name, [*strategy, *epochs], cache)
+            for name, strategy in (("sequential", ["strategy=sequential"]), ("replay", ["strategy=replay", "strategy.ratio=0.5"]))}
+    stages = {name: m["strategy"]["stages"] for name, (_, _, m) in runs.items()}
+    assert [s["train_steps"] for s in stages["replay"]] == [s["train_steps"] for s in stages["sequential"]] == [2, 2]
+    assert stages["replay"][1]["pairs"] == 12 and stages["replay"][1]["pairs_seen"] == 8
+    # stage 1 sees each of its 8 pairs once: its tokens are theirs, prompt + chosen + rejected
+    cfg = runs["sequential"][0]
+    polite = prepare_pairs(build_objectives(cfg.dataset, cfg.seed), load_tokenizer(cfg.model), cfg.dataset, cfg.model.max_length,
+                           cfg.seed).train["polite"]
+    own = sum(len(p) + len(c) + len(r) for p, c, r in zip(polite["prompt_ids"], polite["chosen_ids"], polite["rejected_ids"]))
+    assert stages["sequential"][0]["tokens_seen"] == stages["replay"][0]["tokens_seen"] == own
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    for name, (_, out, _) in runs.items():
+        (sweep / name).symlink_to(out, target_is_directory=True)
+    build_report(sweep, tmp_path / "report")
+    table = pd.read_csv(tmp_path / "report" / "mitigations.csv")
+    assert set(table.steps) == {4} and "tokens_seen" in (tmp_path / "report" / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_anchor_at_stage_3_includes_stage_1s_term(tmp_path_factory, cache):
+    """Three stages, EWC, decay 0.5: the penalty at stage 3's first step (at theta_2, so stage 2's own term is 0)
+    is strength x 0.5 x sum_i F_1i (theta_2i - theta_1i)^2, from the saved adapters and stage 1's saved Fisher."""
+    from peft import load_peft_weights
+    from safetensors.torch import load_file
+
+    overrides = ["strategy=anchor", "strategy.penalty=ewc", "strategy.fisher_pairs=4", "strategy.decay=0.5", "strategy.strength=10",
+                 "order.stages=[a,b,c]", "dataset.objectives=[polite,factual,concise]", "train.logging_steps=1", *NO_DIAGNOSTICS]
+    _, out, matrix = _run(tmp_path_factory, "anchor3", overrides, cache)
+    log = [json.loads(line) for line in (out / "stage_3" / "train_log.jsonl").read_text().splitlines()]
+    first = next(row["anchor/penalty"] for row in log if "anchor/penalty" in row)
+    theta1, theta2 = (load_peft_weights(str(out / f"stage_{k}" / "adapter")) for k in (1, 2))
+    fisher1 = load_file(str(out / "stage_2" / "anchor_fisher.safetensors"))
+    own = 10 * 0.5 * sum(float((f * (theta2[n.replace(".default.", ".")] - theta1[n.replace(".default.", ".")]) ** 2).sum())
+                         for n, f in fisher1.items())
+    assert own > 0 and first == pytest.approx(own, rel=1e-4)
+    stage3 = matrix["strategy"]["stages"][2]
+    assert stage3["anchored_stages"] == 2 and stage3["fisher_mean"] > 0 and (out / "stage_3" / "anchor_fisher.safetensors").exists()
 
 
 def _stage2_movement(out, fisher=None):
@@ -320,8 +515,8 @@ def test_report_has_the_mitigations_view(jobs, tmp_path):
         (sweep / case).symlink_to(jobs[case][1], target_is_directory=True)
     written = build_report(sweep, tmp_path / "report")
     rows = pd.read_csv(tmp_path / "report" / "mitigations_jobs.csv")
-    assert sorted(rows.strategy.unique()) == ["joint", "merge method=dare_ties weights=equal density=0.5", "replay ratio=0.5",
-                                              "sequential"]
+    assert sorted(rows.strategy.unique()) == ["joint", "merge method=dare_ties weights=equal density=0.5",
+                                              "replay ratio=0.5 match_steps=True", "sequential"]
     matrices = {case: jobs[case][2]["metrics"]["accuracy"] for case in ("sequential", "joint", "merge")}
     seq = rows[rows.strategy == "sequential"].set_index("objective")
     assert seq.loc["polite", "final"] == matrices["sequential"][2][0] and seq.loc["polite", "role"] == "A"
@@ -335,6 +530,11 @@ def test_report_has_the_mitigations_view(jobs, tmp_path):
     assert merged.loc["factual", "forgetting"] == pytest.approx(matrices["merge"][2][1] - matrices["merge"][3][1])
     table = pd.read_csv(written["mitigations_csv"])
     assert set(table.seeds) == {1} and table.final_low.notna().all()  # one seed: the job's bootstrap interval
+    # compute and merge records: 3 steps a stage for every strategy (joint: 2 x 3); the merged adapter's rank 2 x 32
+    assert set(table.steps) == {6} and table.tokens_seen.gt(0).all()
+    # dare_ties is dense, but rank 64 is every module's smaller dimension on the tiny model: nothing is lost
+    assert merged.loc["factual", "rank"] == 64 and merged.loc["factual", "reconstruction_error"] < 1e-5
+    assert rows[rows.strategy == "sequential"]["rank"].isna().all()
     assert list((tmp_path / "report").glob("tradeoff_*.png"))
     assert "## Mitigations" in (tmp_path / "report" / "summary.md").read_text()
 

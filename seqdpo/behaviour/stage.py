@@ -37,7 +37,9 @@ class BehaviourEval:
         self.ctx = ScoringContext(cfg, tok, model, fingerprint, objectives, self.cache_dir)
         self.fingerprint = fingerprint
         # vLLM reads each stage's adapter from disk; the runner saves it before evaluating the stage
-        self.backend = G.VLLMBackend(cfg.model, cfg.lora.r) if G.use_vllm(self.settings, cfg.model.name) else None
+        # strategy=merge's merged adapter holds every stage's rank (seqdpo/strategies/merge.py)
+        rank = cfg.lora.r * (len(cfg.order.stages) if cfg.strategy.name == "merge" else 1)
+        self.backend = G.VLLMBackend(cfg.model, rank) if G.use_vllm(self.settings, cfg.model.name) else None
         log.info("behaviour: generation with %s", "vLLM" if self.backend else "transformers")
         self.scorer = make_scorer(self.ctx)
         self.unscored = [o for o in objectives if not self.scorer.supports(o)]

@@ -14,7 +14,8 @@ objective x split:
 
     built + builder drops == kept + every drop + unused
 
-(for every builder but helpsteer2 the left side is the rows read; a helpsteer2 pair is two rows).
+(for every builder but helpsteer2 the left side is the rows read; for helpsteer2 it is its
+`same_prompt_pairs`, every two responses to one prompt).
 Kept pairs that both splits hold (prompt, chosen and rejected alike) are counted (`in_both_splits`);
 more than `dataset.max_overlap` of a split's eval pairs among them is a DataError naming the dataset's
 path. Each objective gets one log line. More than `dataset.warn_fraction` of a split's pairs dropped or

@@ -4,10 +4,12 @@ Hub id `nvidia/HelpSteer2`, pinned revision 990b2711a36180dd19d9c94b8627844866f8
 
 Each row is one response to a prompt with five human scores on 0..4 (helpfulness, correctness,
 coherence, complexity, verbosity); the card pairs consecutive rows with the same prompt (rows 0 and 1,
-2 and 3, ...). Construction:
+2 and 3, ...). HelpSteer (v1), same schema, holds 1 to 4 consecutive responses per prompt. Construction:
 
-- rows are grouped into runs of consecutive rows with the same `prompt`; a run of even length is cut
-  into consecutive pairs, a run of odd length is ambiguous and dropped (stats: unpaired_rows);
+- rows are grouped into runs of consecutive rows with the same `prompt`; every two responses of a run
+  are a candidate pair (a run of n gives n(n-1)/2; stats: same_prompt_pairs), so HelpSteer2's two
+  responses give its one pair and a v1 prompt with 3 or 4 responses gives 3 or 6. A row alone in its
+  run has nothing to be compared with (stats: unpaired_rows). Rows are never paired across prompts;
 - for attribute k, chosen = the response with the higher score on k; pairs whose scores differ by
   less than option `min_margin` (default 1: only exact ties) are dropped (dropped_tie,
   dropped_small_margin);
@@ -15,7 +17,8 @@ coherence, complexity, verbosity); the card pairs consecutive rows with the same
   `<extra_id_1>Assistant` / `<extra_id_1>User` lines; they are split into user/assistant messages,
   and a prompt that does not alternate is dropped (dropped_malformed);
 - `train` is the train split, `validation` the eval split; pair_id = `<hub split>-<row index of the
-  pair's first row>`.
+  pair's first row>` for a prompt with two responses, `<hub split>-<row i>-<row j>` for each pair of a
+  prompt with more.
 """
 
 from __future__ import annotations
@@ -66,15 +69,20 @@ def _read_row(row: dict, ref: RowRef) -> dict:
     return out
 
 
-def _pairs(rows: list[tuple[int, dict]]) -> tuple[list[tuple[int, dict, dict]], int]:
-    """Cuts runs of consecutive same-prompt rows into pairs: ([(index of first row, row a, row b)], unpaired rows)."""
+def _pairs(rows: list[tuple[int, dict]]) -> tuple[list[tuple[str, dict, dict]], int]:
+    """Every two rows of each run of consecutive same-prompt rows: ([(pair id suffix, row a, row b)], unpaired rows).
+
+    The suffix is the first row's index for a run of two (HelpSteer2's pairs), `<i>-<j>` in a longer run.
+    """
     pairs, unpaired = [], 0
     for _, run in itertools.groupby(rows, key=lambda r: r[1]["prompt"]):
         run = list(run)
-        if len(run) % 2:
-            unpaired += len(run)
+        if len(run) == 1:
+            unpaired += 1
+        elif len(run) == 2:
+            pairs.append((str(run[0][0]), run[0][1], run[1][1]))
         else:
-            pairs.extend((run[i][0], run[i][1], run[i + 1][1]) for i in range(0, len(run), 2))
+            pairs.extend((f"{i}-{j}", a, b) for (i, a), (j, b) in itertools.combinations(run, 2))
     return pairs, unpaired
 
 
@@ -83,8 +91,8 @@ def _build_split(path, revision, hub_split: str, attributes: list[str], min_marg
     pairs, unpaired = _pairs(rows)
     out = {a: PairSet() for a in attributes}
     for pair_set in out.values():
-        pair_set.stats.update(rows=len(rows), unpaired_rows=unpaired)
-    for first, a, b in pairs:
+        pair_set.stats.update(rows=len(rows), unpaired_rows=unpaired, same_prompt_pairs=len(pairs))
+    for suffix, a, b in pairs:
         turns = parse_prompt(a["prompt"])
         for attr, pair_set in out.items():
             diff = a[attr] - b[attr]
@@ -96,7 +104,7 @@ def _build_split(path, revision, hub_split: str, attributes: list[str], min_marg
                 pair_set.drop("small_margin")
             else:
                 chosen, rejected = (a, b) if diff > 0 else (b, a)
-                pair_set.add(f"{hub_split}-{first}", to_messages(turns), chosen["response"], rejected["response"])
+                pair_set.add(f"{hub_split}-{suffix}", to_messages(turns), chosen["response"], rejected["response"])
     return out
 
 

@@ -9,6 +9,10 @@ Per finished job and objective j trained in it:
                   aligns joint with the final stage of the sequential runs); left empty without one
     forgetting_j  learned_j - final_j (positive = lost)
 
+and the job's compute, summed over its trained stages (matrix.json "strategy"): optimizer `steps`,
+`pairs_seen`, `tokens_seen` (prompt + chosen + rejected); for merge, the merged adapter's `rank` and
+`reconstruction_error` (seqdpo/strategies/merge.py). Empty for jobs written before they were recorded.
+
 Intervals: the job's paired bootstrap interval (matrix.json "intervals") where one seed is in the
 group, else the t-interval across seeds (seqdpo.analysis.intervals.seed_interval). The trade-off plot
 puts, per dataset setting, the final accuracy of objective A (the order's first) against objective B
@@ -45,6 +49,22 @@ def _trained(job: Job) -> list[str]:
     return list(dict.fromkeys(stage_names({**job.config, "strategy": None})[1:]))
 
 
+COMPUTE = ("steps", "pairs_seen", "tokens_seen", "rank", "reconstruction_error")
+
+
+def _compute(job: Job) -> dict:
+    stages = ((job.matrix or {}).get("strategy") or {}).get("stages") or []
+    trained = [s for s in stages if "train_steps" in s]
+
+    def total(key):
+        values = [s.get(key) for s in trained]
+        return sum(values) if values and None not in values else None
+
+    merged = next((s for s in stages if "rank" in s), {})
+    return {"steps": total("train_steps"), "pairs_seen": total("pairs_seen"), "tokens_seen": total("tokens_seen"),
+            "rank": merged.get("rank"), "reconstruction_error": merged.get("reconstruction_error")}
+
+
 def job_rows(jobs: list[Job]) -> pd.DataFrame:
     """One row per finished job x trained objective: final, learned, forgetting, and the job's own intervals."""
     done = [j for j in jobs if j.matrix and not j.matrix.get("partial") and "accuracy" in j.matrix["metrics"]]
@@ -71,7 +91,7 @@ def job_rows(jobs: list[Job]) -> pd.DataFrame:
             learned = learned_by.get((source.rel, obj)) if source is not None else None
             row = {"job": job.rel, **job.factors, "objective": obj, "role": chr(ord("A") + rank), "final": float(R[T, j]),
                    "learned": learned, "forgetting": None if learned is None else learned - float(R[T, j]),
-                   "learned_from": None if source is None else source.rel}
+                   "learned_from": None if source is None else source.rel, **_compute(job)}
             row["final_interval"] = _interval(job, "metrics", "accuracy", T, j)
             row["forgetting_interval"] = _interval(job, "transfer", "accuracy", obj, "forgetting") if source is job else None
             rows.append(row)
@@ -93,6 +113,9 @@ def summary(rows: pd.DataFrame) -> pd.DataFrame:
                 iv = g[f"{col}_interval"].iloc[0]  # one seed: the paired bootstrap over its eval pairs
             row[col] = s["mean"]
             row[f"{col}_low"], row[f"{col}_high"] = (iv if iv is not None else (None, None))
+        for col in COMPUTE:
+            values = g[col].dropna()
+            row[col] = float(values.mean()) if len(values) else None
         out.append(row)
     return pd.DataFrame(out)
 
@@ -134,14 +157,16 @@ def add_section(doc, jobs: list[Job], out: Path) -> dict:
     doc.h(2, "Mitigations")
     doc.p("Accuracy of each trained objective after the last stage (final) and what it lost since its own stage "
           "(forgetting = learned - final; joint is aligned with the sequential job of the same factors). "
-          "Intervals: the paired bootstrap of one job, or across seeds. Definitions: seqdpo/report/mitigations.py.")
+          "Intervals: the paired bootstrap of one job, or across seeds. Compute per job (mean over seeds): optimizer "
+          "steps, pairs and tokens seen in training; merge: the merged adapter's rank and reconstruction error. "
+          "Definitions: seqdpo/report/mitigations.py.")
     for key, g in table.groupby(list(SETTING), dropna=False, sort=True):
         # the dataset is in the heading already
         setting = varying_label({k: v for k, v in zip(SETTING, key) if k != "dataset"},
                                 {k: set(table[k].unique()) for k in SETTING})
         doc.h(3, f"{key[0]}: {setting}")
         cols = ["strategy", "objective", "role", "seeds", "final", "final_low", "final_high", "forgetting", "forgetting_low",
-                "forgetting_high"]
+                "forgetting_high", *COMPUTE]
         doc.table(g[cols].sort_values(["role", "strategy"]))
         doc.img(plot_tradeoff(g, f"{key[0]}: {setting}", out / f"tradeoff_{slug(f'{key[0]}_{setting}')}.png"), out)
     return {"mitigations_csv": str(out / "mitigations.csv")}

@@ -8,18 +8,21 @@ trains on, where its adapter starts, and whether it trains at all.
 | strategy | stages (rows of the matrix after `base`) | what a stage does |
 |---|---|---|
 | sequential | one per entry of order.stages, named after its objective | continues the adapter (the paper) |
-| replay | the same rows | from stage 2 on, also trains on `ratio` x its own pair count pairs drawn from the earlier stages' sets (`replay.py`) |
-| anchor | the same rows | from stage 2 on, adds `strength` x a pull toward the adapter after the previous stage (`anchor.py`) |
-| joint | one row, `joint` | one stage on the union of the ordered objectives' pairs; with train.max_steps > 0, as many steps as all sequential stages together |
-| merge | one row per entry of order.stages (each a single adapter trained from the base), then `merged` | the last row trains nothing: PEFT merges the single adapters (`merge.py`) |
+| replay | the same rows | from stage 2 on, also trains on `ratio` x its own pair count pairs drawn from the earlier stages' sets (`replay.py`); with `match_steps`, in as many optimizer steps as sequential's stage |
+| anchor | the same rows | from stage 2 on, adds `strength` x a pull toward the adapter after every earlier stage (`anchor.py`) |
+| joint | one row, `joint` | one stage on the union of the ordered objectives' pairs, as many optimizer steps as all sequential stages together; counts and warns about the contradictory pairs of the union (`contradictions.py`) |
+| merge | one row per entry of order.stages (each a single adapter trained from the base), then `merged` | the last row trains nothing: the single adapters' weight changes are merged (`merge.py`) |
 
 Every trained stage records the pairs it trained on in stage_<k>/train_pairs.parquet
-(objective, pair_id).
+(objective, pair_id), and its optimizer steps, pairs and tokens seen in DONE and matrix.json "strategy"
+(`summary`), so strategies are compared at a known compute.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -63,22 +66,34 @@ class StagePlan:
     pairs: pd.DataFrame | None = None  # objective, pair_id of each row of `train`
     fresh: bool = False  # starts from adapter_init instead of the previous stage's adapter
     max_steps: int | None = None  # overrides train.max_steps
-    anchor_rows: Dataset | None = None  # anchor: the previous stage's pairs (the EWC Fisher's data)
+    anchor_sets: list[Dataset] = field(default_factory=list)  # anchor: each earlier stage's pairs (its EWC Fisher's data)
     merge: tuple[int, ...] = ()  # merged row: the stages whose adapters combine
     info: dict = field(default_factory=dict)  # counts shown in DONE, the log, matrix.json and W&B
 
     @property
     def anchored(self) -> bool:
-        return self.anchor_rows is not None
+        return bool(self.anchor_sets)
 
 
 def _pairs(objective: str, ds: Dataset) -> pd.DataFrame:
     return pd.DataFrame({"objective": objective, "pair_id": list(ds["pair_id"])})
 
 
+def optimizer_steps(cfg: RunConfig, n_pairs: int) -> int:
+    """The optimizer steps a sequential stage takes on `n_pairs` pairs (transformers' Trainer:
+    set_initial_training_values, with the dataloader split over WORLD_SIZE processes)."""
+    t = cfg.train
+    if t.max_steps > 0:
+        return t.max_steps
+    batches = math.ceil(n_pairs / (t.batch_size * int(os.environ.get("WORLD_SIZE", "1"))))
+    return math.ceil(t.epochs * max(math.ceil(batches / t.grad_accum), 1))
+
+
 def plan_stages(cfg: RunConfig, stage_objs: list[str], stage_sets: list[Dataset], out: Path, *, write: bool) -> list[StagePlan]:
     """The stages a job runs (module docstring). `write`: this process records replay draws (DDP rank 0)."""
     from datasets import concatenate_datasets
+
+    from seqdpo.strategies.contradictions import contradictory_pairs
 
     s = cfg.strategy
     own = [_pairs(o, ds) for o, ds in zip(stage_objs, stage_sets)]
@@ -88,10 +103,15 @@ def plan_stages(cfg: RunConfig, stage_objs: list[str], stage_sets: list[Dataset]
         keep = ~pairs.duplicated(["objective", "pair_id"]).to_numpy()  # an objective in several stages counts once
         if not keep.all():
             union, pairs = union.select(keep.nonzero()[0]), pairs[keep].reset_index(drop=True)
-        steps = cfg.train.max_steps * len(stage_sets) if cfg.train.max_steps > 0 else None
-        info = {"objectives": list(dict.fromkeys(stage_objs)), "repeated_pairs_dropped": int((~keep).sum())}
+        steps = sum(optimizer_steps(cfg, len(ds)) for ds in stage_sets)
+        info = {"objectives": list(dict.fromkeys(stage_objs)), "repeated_pairs_dropped": int((~keep).sum()),
+                "contradictory_pairs": contradictory_pairs(union, cfg.dataset.name)}
         if info["repeated_pairs_dropped"]:
             log.info("joint: %d pairs of objectives ordered in several stages train once", info["repeated_pairs_dropped"])
+        if info["contradictory_pairs"]:
+            log.warning("joint: %d of the %d pairs in the union have a twin that prefers their rejected response "
+                        "(seqdpo/strategies/contradictions.py): joint trains on contradictory labels there",
+                        info["contradictory_pairs"], len(union))
         return [StagePlan(JOINT, union, pairs, max_steps=steps, info=info)]
     if s.name == "replay":
         from seqdpo.strategies.replay import replay_stages
@@ -100,8 +120,8 @@ def plan_stages(cfg: RunConfig, stage_objs: list[str], stage_sets: list[Dataset]
     plans = [StagePlan(o, ds, p) for o, ds, p in zip(stage_objs, stage_sets, own)]
     if s.name == "anchor" and s.strength > 0:
         for k in range(1, len(plans)):
-            plans[k].anchor_rows = stage_sets[k - 1]
-            plans[k].info = {"anchor": s.penalty, "strength": s.strength}
+            plans[k].anchor_sets = stage_sets[:k]
+            plans[k].info = {"anchor": s.penalty, "strength": s.strength, "anchored_stages": k}
     if s.name == "merge":
         for p in plans[1:]:
             p.fresh = True
@@ -112,11 +132,16 @@ def plan_stages(cfg: RunConfig, stage_objs: list[str], stage_sets: list[Dataset]
     return plans
 
 
-def summary(plans: list[StagePlan]) -> list[dict]:
-    """What each stage trained on, for matrix.json: the strategy's counts next to the numbers they produced."""
+RECORDED = ("train_steps", "pairs_seen", "tokens_seen", "rank", "reconstruction_error", "fisher_mean")  # from DONE
+
+
+def summary(plans: list[StagePlan], done: list[dict]) -> list[dict]:
+    """What each stage trained on, for matrix.json: the strategy's counts next to the numbers they produced.
+    `done`: each stage's DONE record (its optimizer steps, pairs and tokens seen; the merged row's rank)."""
     rows = []
-    for k, p in enumerate(plans, start=1):
-        row = {"stage": k, "name": p.name, "pairs": 0 if p.train is None else len(p.train), **p.info}
+    for k, (p, d) in enumerate(zip(plans, done), start=1):
+        row = {"stage": k, "name": p.name, "pairs": 0 if p.train is None else len(p.train), **p.info,
+               **{key: d[key] for key in RECORDED if key in d}}
         if p.pairs is not None:
             row["pairs_per_objective"] = {str(o): int(n) for o, n in p.pairs.objective.value_counts(sort=False).items()}
         rows.append(row)

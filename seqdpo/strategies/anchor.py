@@ -1,20 +1,34 @@
-"""Anchoring to the previous stage: from stage 2 on, the training loss adds strength x a distance of
-the adapter from its state theta0 after the previous stage (`strategy.penalty`):
+"""Anchoring to every earlier stage: from stage 2 on, the training loss of stage k adds
 
-- `l2`: sum over adapted modules m of ||s_m (B_m A_m - B0_m A0_m)||_F^2, the squared Frobenius norm of
-  the change of the effective weight update (the gauge-free quantity; seqdpo.analysis.movement).
-  Computed from the factors, <B A, B' A'>_F = sum((B^T B') * (A A'^T)), without forming W.
-- `ewc`: sum_i F_i (theta_i - theta0_i)^2 over the LoRA parameters (elastic weight consolidation,
-  Kirkpatrick et al. 2017). F is the diagonal empirical Fisher of the previous stage's loss: the mean
-  squared per-pair gradient over `fisher_pairs` pairs of the previous stage's training set (seeded
-  draw; dropout off), at theta0, divided by its mean so `strength` has the same scale on any model.
-  It is saved as stage_<k>/anchor_fisher.safetensors and reused by a resumed stage.
+    strength * sum_{j<k} decay^(k-1-j) * sum_i F_ji (theta_i - theta_ji)^2
+
+over the LoRA factors theta (every A and B of the adapter), theta_j their state after stage j
+(`strategy.penalty`):
+
+- `l2`: F_j = 1, a pull toward each earlier stage's factors (L2-SP, Li et al. 2018, per stage);
+- `ewc`: F_j is the diagonal empirical Fisher of stage j's loss at theta_j: the mean squared per-pair
+  gradient over `fisher_pairs` pairs of stage j's training set (seeded draw; dropout off), divided by its
+  mean (elastic weight consolidation, Kirkpatrick et al. 2017, one term per earlier task). It is computed
+  when stage j + 1 starts from theta_j, saved as stage_<j+1>/anchor_fisher.safetensors (its raw mean in
+  the file's metadata and in DONE as `fisher_mean`) and read back by every later stage and a resumed one.
+
+`decay` < 1 fades old stages geometrically, as online EWC's gamma (Schwarz et al. 2018); 1 keeps every
+earlier stage in full, so a 3-stage job still protects stage 1's objective in stage 3.
+
+Both penalties live in the factor space, the space the optimizer moves in. The weight change dW = s B A
+would be gauge-free (B A = (B G)(G^-1 A)), but a diagonal Fisher over dW is a dense tensor the size of every
+adapted weight matrix (about 6e9 entries on Llama-3.1-8B with seven projections), which LoRA is there to
+avoid. In one space, L2 is EWC with a flat Fisher; with the Fisher normalised to mean 1 both put the same
+total weight on the factors, so one `strength` means the same pull under either penalty. In the usual EWC
+form (lambda / 2) sum_i F_i (...)^2 with the raw Fisher, strength = lambda * fisher_mean / 2. The movement
+diagnostics still report the effective (dW) movement (seqdpo.analysis.movement).
 
 At strength 0 no penalty is built: the job is `sequential` bit for bit.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -22,55 +36,37 @@ import torch
 
 from seqdpo.config import RunConfig
 
+log = logging.getLogger("seqdpo")
 FISHER_FILE = "anchor_fisher.safetensors"
-
-
-def _lora_modules(model):
-    from peft.tuners.lora import LoraLayer
-
-    return [
-        (m.lora_A["default"].weight, m.lora_B["default"].weight, float(m.scaling["default"]))
-        for m in model.modules()
-        if isinstance(m, LoraLayer) and "default" in m.lora_A
-    ]
-
-
-def _inner(B1, A1, B2, A2):
-    return ((B1.T @ B2) * (A1 @ A2.T)).sum()
-
-
-class L2Anchor:
-    """strength * sum_m ||s_m (B_m A_m - B0_m A0_m)||_F^2."""
-
-    def __init__(self, model, strength: float):
-        self.strength = strength
-        self.modules = [(A, B, s, A.detach().clone(), B.detach().clone()) for A, B, s in _lora_modules(model)]
-
-    def __call__(self) -> torch.Tensor:
-        total = 0.0
-        for A, B, s, A0, B0 in self.modules:
-            A0, B0 = A0.to(A), B0.to(B)
-            total = total + s * s * (_inner(B, A, B, A) - 2 * _inner(B, A, B0, A0) + _inner(B0, A0, B0, A0))
-        return self.strength * total
-
-
-class EWCAnchor:
-    """strength * sum_i F_i (theta_i - theta0_i)^2 over the LoRA parameters."""
-
-    def __init__(self, model, strength: float, fisher: dict[str, torch.Tensor]):
-        self.strength = strength
-        self.terms = [(p, p.detach().clone(), fisher[n].to(p)) for n, p in _lora_parameters(model)]
-
-    def __call__(self) -> torch.Tensor:
-        return self.strength * sum((f * (p - p0) ** 2).sum() for p, p0, f in self.terms)
 
 
 def _lora_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad and ("lora_A" in n or "lora_B" in n)]
 
 
-def diagonal_fisher(trainer, rows, n_pairs: int, seed: int) -> dict[str, torch.Tensor]:
-    """Mean squared per-pair gradient of the trainer's loss over a seeded draw of `rows`, normalised to mean 1."""
+def _saved_key(name: str) -> str:
+    return name.replace(".default.", ".")  # how save_pretrained names the parameter of the `default` adapter
+
+
+class Anchor:
+    """strength * sum_j c_j sum_i F_ji (theta_i - theta_ji)^2; terms = [(c_j, {name: theta_j}, {name: F_j} or None)]."""
+
+    def __init__(self, model, strength: float, terms: list[tuple[float, dict, dict | None]], record: dict | None = None):
+        self.strength = strength
+        self.params = _lora_parameters(model)
+        self.terms = [(c, [(p, theta[n].to(p), None if F is None else F[n].to(p)) for n, p in self.params]) for c, theta, F in terms]
+        self.record = record or {}  # what the stage's DONE keeps of the anchor
+
+    def __call__(self) -> torch.Tensor:
+        total = 0.0
+        for c, rows in self.terms:
+            total = total + c * sum(((p - p0) ** 2 if f is None else f * (p - p0) ** 2).sum() for p, p0, f in rows)
+        return self.strength * total
+
+
+def diagonal_fisher(trainer, rows, n_pairs: int, seed: int) -> tuple[dict[str, torch.Tensor], float]:
+    """(mean squared per-pair gradient of the trainer's loss over a seeded draw of `rows`, normalised to
+    mean 1; the mean it was divided by)."""
     model = trainer.model
     params = _lora_parameters(trainer.accelerator.unwrap_model(model))
     pick = np.sort(np.random.default_rng(seed).choice(len(rows), size=min(n_pairs, len(rows)), replace=False))
@@ -88,31 +84,59 @@ def diagonal_fisher(trainer, rows, n_pairs: int, seed: int) -> dict[str, torch.T
     mean = sum(float(a.sum()) for a in acc) / sum(a.numel() for a in acc)
     if not mean > 0:
         raise ValueError("the EWC Fisher is zero: the previous stage's loss has no gradient at its end")
-    return {n: (a / mean).cpu() for (n, _), a in zip(params, acc)}
+    return {n: (a / mean).cpu() for (n, _), a in zip(params, acc)}, mean
 
 
-def build_penalty(cfg: RunConfig, trainer, rows, stage_dir: Path, main_process: bool):
-    """The penalty of a stage that starts now from the previous stage's adapter (the anchor)."""
-    s = cfg.strategy
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if s.penalty == "l2":
-        return L2Anchor(model, s.strength)
-    from safetensors.torch import load_file, save_file
+def _fisher_of_previous(cfg: RunConfig, trainer, rows, job_dir: Path, k: int, main_process: bool) -> tuple[dict, float]:
+    """F_{k-1} at the current parameters (theta_{k-1}), computed once and saved in stage_<k>/."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
 
     from seqdpo.filemodes import follow_umask
 
-    path = Path(stage_dir) / FISHER_FILE
-    if "ref_chosen_logps" not in rows.column_names:  # reference=previous: what the previous stage trained with
+    path = job_dir / f"stage_{k}" / FISHER_FILE
+    if path.exists():
+        with safe_open(str(path), "pt") as f:
+            return {n: f.get_tensor(n) for n in f.keys()}, float(f.metadata()["mean"])
+    if "ref_chosen_logps" not in rows.column_names:  # reference=previous: what stage k-1 trained with
         from seqdpo.refcache import with_reference_columns
 
-        k = int(Path(stage_dir).name.split("_")[1])
-        rows = with_reference_columns(rows, dict(np.load(Path(stage_dir).parent / f"stage_{k - 1}" / "train_reference.npz")))
-    if path.exists():
-        fisher = load_file(str(path))
-    else:
-        fisher = diagonal_fisher(trainer, rows, s.fisher_pairs, seed=cfg.seed)
-        if main_process:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in fisher.items()}, str(path))
-            follow_umask(path)  # safetensors writes 0600
-    return EWCAnchor(model, s.strength, fisher)
+        rows = with_reference_columns(rows, dict(np.load(job_dir / f"stage_{k - 1}" / "train_reference.npz")))
+    fisher, mean = diagonal_fisher(trainer, rows, cfg.strategy.fisher_pairs, seed=cfg.seed)
+    if main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({n: v.contiguous() for n, v in fisher.items()}, str(path), metadata={"mean": repr(mean)})
+        follow_umask(path)  # safetensors writes 0600
+    return fisher, mean
+
+
+def _saved_fisher(job_dir: Path, j: int) -> dict:
+    from safetensors.torch import load_file
+
+    path = job_dir / f"stage_{j + 1}" / FISHER_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: stage {j}'s EWC Fisher, written when stage {j + 1} started, is missing; "
+                                "delete the job directory to start over")
+    return load_file(str(path))
+
+
+def build_penalty(cfg: RunConfig, trainer, earlier_sets: list, stage_dir: Path, main_process: bool) -> Anchor:
+    """The penalty of stage k = len(earlier_sets) + 1, which starts now from the adapter after stage k - 1."""
+    from peft import load_peft_weights
+
+    s = cfg.strategy
+    job_dir, k = Path(stage_dir).parent, len(earlier_sets) + 1
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    current = {n: p.detach().clone() for n, p in _lora_parameters(model)}
+    thetas = {k - 1: current}
+    for j in range(1, k - 1):
+        saved = load_peft_weights(str(job_dir / f"stage_{j}" / "adapter"), device="cpu")
+        thetas[j] = {n: saved[_saved_key(n)] for n in current}
+    fishers, record = {j: None for j in thetas}, {}
+    if s.penalty == "ewc":
+        fishers[k - 1], mean = _fisher_of_previous(cfg, trainer, earlier_sets[-1], job_dir, k, main_process)
+        record["fisher_mean"] = mean
+        for j in range(1, k - 1):
+            fishers[j] = _saved_fisher(job_dir, j)
+    terms = [(s.decay ** (k - 1 - j), thetas[j], fishers[j]) for j in range(1, k)]
+    return Anchor(model, s.strength, terms, record)

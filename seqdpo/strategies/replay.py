@@ -7,6 +7,10 @@ uniformly, from the pool of the pairs that stages 1..k-1 trained on for their ow
 (`replay_capped`) and logged. The draws are made once per job, from the seed, and written to
 <job dir>/replay.parquet (stage, objective, pair_id); a rerun or requeued job reads them back instead of
 drawing again, so it trains on exactly the recorded pairs.
+
+`match_steps` (default on) keeps the compute of sequential training: stage k takes as many optimizer
+steps as the sequential stage on its own n_k pairs, so it sees n_k of its n_k + replayed pairs per epoch
+(a shuffled share of each); off, it passes over all of them (more steps: more compute than sequential).
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ def recorded(cfg: RunConfig, own: list[pd.DataFrame], out: Path, *, write: bool)
 
 
 def replay_stages(cfg: RunConfig, stage_objs: list[str], stage_sets: list[Dataset], own: list[pd.DataFrame], out: Path, *, write: bool):
-    from seqdpo.strategies import StagePlan
+    from seqdpo.strategies import StagePlan, optimizer_steps
 
     draws = recorded(cfg, own, out, write=write)
     plans = [StagePlan(stage_objs[0], stage_sets[0], own[0])]
@@ -65,7 +69,8 @@ def replay_stages(cfg: RunConfig, stage_objs: list[str], stage_sets: list[Datase
         if info["replay_capped"] > 0:
             log.warning("stage %d: replay asks for %d earlier pairs, the earlier stages have only %d: capped", k + 1, requested, len(rows))
         pairs = pd.concat([own[k], *[own[j].iloc[[r for jj, r in rows if jj == j]] for j in range(k)]], ignore_index=True)
-        plans.append(StagePlan(stage_objs[k], concatenate_datasets(parts), pairs, info=info))
+        steps = optimizer_steps(cfg, len(stage_sets[k])) if cfg.strategy.match_steps else None
+        plans.append(StagePlan(stage_objs[k], concatenate_datasets(parts), pairs, max_steps=steps, info=info))
     return plans
 
 
