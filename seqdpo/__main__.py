@@ -1,5 +1,5 @@
 """`python -m seqdpo [overrides]`: run one job (or a sweep with -m). See seqdpo.app."""
 
-from seqdpo.app import main
+from seqdpo.app import cli
 
-main()
+cli()

@@ -7,6 +7,7 @@ This is the only module that touches Hydra; everything it calls takes plain data
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -24,7 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from seqdpo.config import ConfigError, RunConfig, signature, validate
 from seqdpo.data import DataError
-from seqdpo.jobdir import OutputDirTaken, claim_output_dir
+from seqdpo.diskfull import disk_full, disk_full_message
+from seqdpo.jobdir import OutputDirTaken, check_output_dir, claim_output_dir
+from seqdpo.joblock import OutputDirBusy, job_lock
 
 log = logging.getLogger("seqdpo")
 
@@ -64,8 +67,13 @@ def _refuse_sweep_without_multirun(hc) -> None:
         )
 
 
+_task_started = False  # Hydra composed the config and called main: a failure is the job's, not an override's
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> dict:
+    global _task_started
+    _task_started = True
     hc = HydraConfig.get()
     t0 = time.time()
     try:
@@ -81,16 +89,21 @@ def main(cfg: DictConfig) -> dict:
 
         export_ddp_env()  # SLURM job with tasks_per_node > 1: one DDP rank per task (conf/hydra/launcher/slurm_ddp.yaml)
         out = Path(hc.runtime.output_dir)
-        if is_main_process():
-            claim_output_dir(out, run_cfg, signature(run_cfg))  # a refused rerun stops here, before any write
-            _save_hydra_files(out / ".hydra", cfg, hc)
-        quiet_libraries()
-        log.info("%s", config_summary(run_cfg, signature(run_cfg), str(out)))
-        matrix = run_job(run_cfg, str(out), group=group)
+        with contextlib.ExitStack() as held:
+            if is_main_process():
+                # A refused rerun (another config, or a live job here) stops before any write.
+                check_output_dir(out, run_cfg, signature(run_cfg))
+                lock = held.enter_context(job_lock(out))  # run_job holds it on; released when the job ends
+                claim_output_dir(out, run_cfg, signature(run_cfg))
+                lock.record_holder()
+                _save_hydra_files(out / ".hydra", cfg, hc)
+            quiet_libraries()
+            log.info("%s", config_summary(run_cfg, signature(run_cfg), str(out)))
+            matrix = run_job(run_cfg, str(out), group=group)
         log_result(matrix, str(out), time.time() - t0)  # after W&B's footer: the last thing printed
         return matrix
-    except OutputDirTaken as e:
-        # Another config's directory: not a line into its seqdpo.log, which must stay as it was.
+    except (OutputDirTaken, OutputDirBusy) as e:
+        # Another config's or a live job's directory: not a line into its seqdpo.log, which is not ours.
         print(f"seqdpo: {e}", file=sys.stderr, flush=True)
         if hc.mode == RunMode.RUN:
             raise SystemExit(1) from None
@@ -100,11 +113,72 @@ def main(cfg: DictConfig) -> dict:
         # console, the traceback only in seqdpo.log.
         log.error("%s", e, exc_info=True)
         if hc.mode == RunMode.RUN:
+            if isinstance(e, ConfigError):
+                _drop_unclaimed_dir(Path(hc.runtime.output_dir))
             raise SystemExit(1) from None  # Hydra would print the traceback again
         raise
     except Exception as e:
+        if disk_full(e):
+            # One paragraph instead of chained tracebacks: the fix is free space, not code.
+            log.error("%s", disk_full_message(Path(hc.runtime.output_dir), e), exc_info=True)
+            if hc.mode == RunMode.RUN:
+                raise SystemExit(1) from None
+            raise
         log.exception("job failed: %s: %s", type(e).__name__, e)  # traceback into seqdpo.log; Hydra prints it on the console
         raise
+
+
+def _drop_unclaimed_dir(out: Path) -> None:
+    """A refused config leaves no directory behind: Hydra made it (with seqdpo.log) before the config was
+    checked, and no job ever claimed it (a claimed one keeps its log)."""
+    if (out / "signature.txt").exists():
+        return
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == out:
+            handler.close()
+            root.removeHandler(handler)
+    (out / "seqdpo.log").unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # not empty: someone else's files, which stay
+        out.rmdir()
+
+
+def cli() -> None:
+    """`python -m seqdpo`: Hydra's main, and seqdpo's did-you-mean when Hydra refuses an override."""
+    try:
+        main()
+    except BaseException as e:
+        if not _task_started and not (isinstance(e, SystemExit) and e.code in (0, None)):
+            for hint in unknown_override_hints(sys.argv[1:]):
+                print(f"seqdpo: {hint}", file=sys.stderr, flush=True)
+        raise
+
+
+def unknown_override_hints(args: list[str]) -> list[str]:
+    """Hydra answers `lrr=1e-3` with "Key 'lrr' is not in struct" and suggests `+lrr`, which seqdpo refuses
+    as well: this names the key that was probably meant."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from seqdpo.config import is_schema_key, key_hint
+
+    # Hydra's own keys and the config groups that are not schema keys (experiment=...) are Hydra's to judge
+    elsewhere = {"hydra", *(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir() and not is_schema_key(p.name))}
+    parser = OverridesParser.create()
+    hints = []
+    for arg in args:
+        if arg.startswith("-"):
+            continue
+        try:
+            (override,) = parser.parse_overrides([arg])
+        except Exception:  # not an override (a flag's value); Hydra reports what it makes of it
+            continue
+        key = override.key_or_group
+        if (override.is_add() or override.is_force_add() or override.is_delete() or override.package is not None
+                or re.split(r"[./]", key)[0] in elsewhere
+                or is_schema_key(key)):
+            continue
+        hints.append(f"'{key}' is not a key of seqdpo's config: {key_hint(key)} (adding it with +{key} is refused too)")
+    return hints
 
 
 def _save_hydra_files(folder: Path, cfg: DictConfig, hc) -> None:

@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import json
 import math
+import typing
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
@@ -71,6 +72,9 @@ class DatasetConfig:
     # model.max_length dropped or truncated more than this fraction of gets a warning.
     min_pairs: int = 1
     warn_fraction: float = 0.05
+    # Eval pairs that are also training pairs (same prompt, chosen and rejected): above this fraction of an
+    # objective's eval split the job refuses to run (1 = allow any).
+    max_overlap: float = 0.01
 
 
 @dataclass
@@ -365,6 +369,7 @@ def _ranges(cfg: RunConfig) -> list[tuple[str, Any, str, bool]]:
           for k, v in (("n_train", ds.n_train), ("n_eval", ds.n_eval))],
         ("dataset.min_pairs", ds.min_pairs, ">= 1", ds.min_pairs >= 1),
         ("dataset.warn_fraction", ds.warn_fraction, "in [0, 1]", 0 <= ds.warn_fraction <= 1),
+        ("dataset.max_overlap", ds.max_overlap, "in [0, 1] (1 = allow any overlap)", 0 <= ds.max_overlap <= 1),
         ("diagnostics.grad_cosine_points", d.grad_cosine_points, ">= 1 (1 = stage start only)", d.grad_cosine_points >= 1),
         ("diagnostics.probe_blocks", d.probe_blocks, ">= 2 (two halves give the split-half reliability)", d.probe_blocks >= 2),
         ("diagnostics.min_reliability", d.min_reliability, "in (0, 1] (a reliability is at most 1)", 0 < d.min_reliability <= 1),
@@ -409,11 +414,36 @@ def _check_known_keys(cfg: RunConfig) -> None:
     itself suggests after "Could not override") would otherwise be ignored without a word. Free-form
     dicts (`dataset.options`, validated by the dataset builders) are not schema and stay open.
     """
-    known = list(_schema_keys(cfg))
     for key in _extra_keys(cfg):
-        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-        hint = f"did you mean '{close[0]}'?" if close else "the keys are listed in README.md (Configuration)"
-        raise ConfigError(key, f"unknown key (added with + or ++?): it would be ignored; {hint}")
+        raise ConfigError(key, f"unknown key (added with + or ++?): it would be ignored; {key_hint(key)}")
+
+
+def key_hint(key: str) -> str:
+    """'did you mean 'lr'?' for a key the schema does not have."""
+    close = difflib.get_close_matches(key, [k for k, _ in _schema_types(RunConfig)], n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'?" if close else "the keys are listed in README.md (Configuration)"
+
+
+def is_schema_key(key: str) -> bool:
+    """Whether `key` is a key of the schema, or one inside a free-form dict of it (dataset.options.*)."""
+    types = dict(_schema_types(RunConfig))
+    parts = key.split(".")
+    for n in range(1, len(parts) + 1):
+        t = types.get(".".join(parts[:n]))
+        if t is None:
+            return False
+        if typing.get_origin(t) is dict or t is dict:
+            return True
+    return True
+
+
+def _schema_types(cls, prefix: str = ""):
+    """(dotted key, type) for every key of a schema dataclass, nested ones included."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        yield prefix + f.name, hints[f.name]
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _schema_types(hints[f.name], f"{prefix}{f.name}.")
 
 
 def _schema_keys(obj, prefix: str = ""):

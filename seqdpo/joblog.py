@@ -41,6 +41,26 @@ class ConsoleHandler(logging.Handler):
             self.handleError(record)
 
 
+class LogFileHandler(logging.FileHandler):
+    """Hydra's `seqdpo.log` handler; on a full disk it stops writing with one note on stderr, instead of
+    logging's "--- Logging error ---" traceback for every line (the job's end is reported by seqdpo.app)."""
+
+    disk_full = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.disk_full:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        from seqdpo.diskfull import disk_full
+
+        if not disk_full(sys.exc_info()[1]):
+            super().handleError(record)
+            return
+        self.disk_full = True  # the rest of this job's lines go to the console only
+        print(f"seqdpo: the disk is full: {self.baseFilename} gets no more lines", file=sys.stderr, flush=True)
+
+
 def quiet_libraries() -> None:
     """Library output a user cannot act on, off; library warnings into the job log."""
     import datasets
@@ -55,10 +75,23 @@ def quiet_libraries() -> None:
         datasets_logger.removeHandler(handler)
     datasets_logger.propagate = True
     logging.captureWarnings(True)  # Python warnings into the job log too, not only onto stderr
+    # A resumed stage skips its first batches through accelerate's SkipDataLoader, which has no length,
+    # so every gather_for_metrics of TRL's training metrics logs "The used dataset had no length, returning
+    # gathered tensors. You should drop the remainder yourself." (six times a stage). Those are logging
+    # means, not results (seqdpo evaluates on its own), so there is nothing for a user to drop.
+    logging.getLogger("accelerate.accelerator").addFilter(NO_LENGTH_NOTICE)
     # transformers' W&B integration prints "[INFO] Running in WANDB offline mode" when it is first
     # imported (TRL imports it): import it here with that print swallowed.
     with contextlib.redirect_stdout(io.StringIO()):
         import transformers.integrations.integration_utils  # noqa: F401
+
+
+class _NoLengthNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "The used dataset had no length" not in record.getMessage()  # after accelerate's "[RANK 0] "
+
+
+NO_LENGTH_NOTICE = _NoLengthNotice()  # one instance: addFilter skips it when a multirun's next job adds it again
 
 
 def config_summary(cfg, signature: str, out_dir: str) -> str:
@@ -67,7 +100,7 @@ def config_summary(cfg, signature: str, out_dir: str) -> str:
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         if is_dataclass(value):
-            line = f"  {f.name}: " + " ".join(f"{k}={v}" for k, v in _flat(asdict(value)))
+            line = f"  {f.name}: " + " ".join(f"{k}={v}" for k, v in flat_items(asdict(value)))
             if f.name == "lora" and value.alpha is None:
                 line = line.replace("alpha=None", f"alpha=None (2r = {value.effective_alpha()})")
             groups.append(line)
@@ -76,10 +109,11 @@ def config_summary(cfg, signature: str, out_dir: str) -> str:
     return "\n".join([f"job {out_dir} (config signature {signature})", "  " + " ".join(top), *groups])
 
 
-def _flat(d: dict, prefix: str = ""):
+def flat_items(d: dict, prefix: str = ""):
+    """('group.key', value) for every leaf of a nested dict (an empty dict is a leaf)."""
     for k, v in d.items():
         if isinstance(v, dict) and v:
-            yield from _flat(v, f"{prefix}{k}.")
+            yield from flat_items(v, f"{prefix}{k}.")
         else:
             yield prefix + k, v
 

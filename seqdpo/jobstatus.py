@@ -15,6 +15,7 @@ turned into an orderly stop: `stop_on_sigterm()` raises `Terminated`, the runner
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -27,6 +28,9 @@ HEARTBEAT_S = float(os.environ.get("SEQDPO_HEARTBEAT_S", "30"))
 # A heartbeat this many intervals old (and at least STALE_MIN_S) means the job is gone: a shared file
 # system may show a write late, and clocks of two hosts differ by a few seconds.
 STALE_BEATS, STALE_MIN_S = 10, 120.0
+# Disk space a running job keeps for its status writes: freed when a write finds the disk full, so that
+# the job's end (`failed`, with its traceback) is recorded even then. Tracebacks are capped to fit.
+RESERVE_FILE, RESERVE_BYTES, TRACE_CHARS = ".status-reserve", 64 * 1024, 16 * 1024
 
 
 class Terminated(SystemExit):
@@ -68,6 +72,7 @@ class JobStatus:
 
     def __init__(self, out: Path, *, enabled: bool = True, every: float = HEARTBEAT_S):
         self.path = Path(out) / "status.json"
+        self.reserve = Path(out) / RESERVE_FILE
         self.enabled, self.every = enabled, every
         now = time.time()
         self.data: dict = {"state": "running", "stage": None, "error": None, "pid": os.getpid(),
@@ -89,7 +94,7 @@ class JobStatus:
                 self.data["stage"] = stage
             self.data.pop("traceback", None)
             if trace:
-                self.data["traceback"] = trace
+                self.data["traceback"] = trace if len(trace) <= TRACE_CHARS else "...\n" + trace[-TRACE_CHARS:]
             self._write()
 
     def start_heartbeat(self) -> None:
@@ -109,17 +114,47 @@ class JobStatus:
             with self._lock:
                 self.data["heartbeat"] = time.time()
                 try:
-                    self._write()
+                    self._write(use_reserve=False)  # the reserve is for the job's end, not a heartbeat
                 except OSError:  # a full or flaky disk must not kill the job; the next beat retries
                     pass
 
-    def _write(self) -> None:
+    def reserve_space(self) -> None:
+        """Sets disk space aside for the status writes to come (see `_write`)."""
+        if not self.enabled:
+            return
+        with contextlib.suppress(OSError):  # a disk already full: _write still tries
+            with open(self.reserve, "wb") as f:
+                f.write(b"\0" * RESERVE_BYTES)
+                f.flush()
+                os.fsync(f.fileno())  # allocated now, not when the page cache is written back
+
+    def release_space(self) -> None:
+        if self.enabled:  # a DDP rank other than 0 must not take rank 0's reserve
+            self.reserve.unlink(missing_ok=True)
+
+    def _write(self, use_reserve: bool = True) -> None:
+        """Atomic (a reader sees the old file or the new one). On a full disk the reserve file goes and
+        the write is retried, so the job's last state is recorded whatever filled the disk."""
         if not self.enabled:
             return
         self.data["heartbeat"] = max(self.data["heartbeat"], self.data["updated"])
+        text = json.dumps(self.data, indent=1)
         tmp = self.path.with_name(f"status.json.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        os.replace(tmp, self.path)
+        try:
+            _replace(tmp, self.path, text)
+        except OSError as e:
+            if e.errno != errno.ENOSPC or not use_reserve or not self.reserve.exists():
+                raise
+            self.release_space()
+            _replace(tmp, self.path, text)
+
+
+def _replace(tmp: Path, path: Path, text: str) -> None:
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a write that failed leaves no temp file
 
 
 def read_status(job_dir: Path) -> dict | None:

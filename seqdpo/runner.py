@@ -21,10 +21,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from transformers import TrainerCallback
 
 from seqdpo import config as C
 from seqdpo.config import RunConfig
-from seqdpo.jobdir import claim_output_dir, clear_job_results
+from seqdpo.filemodes import follow_umask
+from seqdpo.jobdir import check_output_dir, claim_output_dir, clear_job_results
+from seqdpo.joblock import job_lock
 from seqdpo.resume import latest_intact_checkpoint, read_trained, stage_train_loss, trainer_state_step, write_trained
 
 log = logging.getLogger("seqdpo")
@@ -35,13 +38,23 @@ def is_main_process() -> bool:
 
 
 def run_job(cfg: RunConfig, out_dir: str, *, group: str | None = None) -> dict:
+    """Runs the job holding the directory's lock (seqdpo.joblock): one live job per directory."""
+    out = Path(out_dir)
+    if not is_main_process():  # DDP: rank 0 holds the lock and writes; the other ranks only read
+        out.mkdir(parents=True, exist_ok=True)
+        return _run_job(cfg, out, group)
+    sig = C.signature(cfg)
+    check_output_dir(out, cfg, sig)  # another config's directory is refused before the lock file is made
+    with job_lock(out) as lock:
+        claim_output_dir(out, cfg, sig)
+        lock.record_holder()
+        return _run_job(cfg, out, group)
+
+
+def _run_job(cfg: RunConfig, out: Path, group: str | None) -> dict:
     from seqdpo.jobstatus import JobStatus, read_status, stop_on_sigterm
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     sig = C.signature(cfg)
-    if is_main_process():
-        claim_output_dir(out, cfg, sig)
     # A rerun of a finished job (every stage DONE) adds nothing its W&B run lacks: it opens none.
     finished = (read_status(out) or {}).get("state") == "done" and all(
         (out / f"stage_{k}" / "DONE").exists() for k in range(len(C.stage_objectives(cfg)) + 1)
@@ -49,6 +62,7 @@ def run_job(cfg: RunConfig, out_dir: str, *, group: str | None = None) -> dict:
     if is_main_process():
         clear_job_results(out)
     status = JobStatus(out, enabled=is_main_process())
+    status.reserve_space()
     status.set("running")
     status.start_heartbeat()
     from seqdpo.tracking import Tracker
@@ -61,7 +75,11 @@ def run_job(cfg: RunConfig, out_dir: str, *, group: str | None = None) -> dict:
     except BaseException as e:  # KeyboardInterrupt and SystemExit too: the status must say the job stopped
         # A signal (preemption, requeue, Ctrl-C, SIGTERM) stops a job that a rerun resumes; an exception is a failure.
         state = "interrupted" if isinstance(e, (SystemExit, KeyboardInterrupt)) else "failed"
-        status.set(state, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc())
+        try:
+            status.set(state, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc())
+        except OSError as status_error:  # the job's own error is what a user must see, not this one
+            log.warning("could not record the job's end in %s: %r", status.path, status_error)
+        status.release_space()
         # The error itself is reported once, by whoever catches it (seqdpo.app: one paragraph or a traceback).
         log.info("job %s at stage %s (status.json)", state, status.stage)
         if tracker is not None:
@@ -80,6 +98,7 @@ def run_job(cfg: RunConfig, out_dir: str, *, group: str | None = None) -> dict:
         if tracker is not None:
             tracker.finish()
     status.set("done", stage=len(matrix["stages"]) - 1)
+    status.release_space()
     return matrix
 
 
@@ -115,6 +134,7 @@ def _run_stages(cfg: RunConfig, out: Path, tracker, status) -> dict:
     peft_model = get_peft_model(model, make_lora_config(cfg.lora))
     if is_main_process() and not (out / "adapter_init").exists():
         peft_model.save_pretrained(out / "adapter_init")
+        follow_umask(out / "adapter_init")  # safetensors writes 0600
 
     fingerprint = model_fingerprint(cfg.model, tok)
     refs = _ReferenceSource(cfg, peft_model, fingerprint)
@@ -160,6 +180,7 @@ def _run_stages(cfg: RunConfig, out: Path, tracker, status) -> dict:
                 log.info("stage %d: merged adapter of rank %d, reconstruction error %.2e", k, merged["rank"],
                          merged["reconstruction_error"])
                 peft_model.save_pretrained(sd / "adapter")
+                follow_umask(sd / "adapter")  # safetensors writes 0600
                 pairs = evaluate(k)
                 _finish_stage(sd, pairs, {**stage.info, **behave(k, sd)}, tracker, k)
                 clock.end(k, pairs)
@@ -259,7 +280,7 @@ def _train_stage(cfg, peft_model, tok, train_ds, sd: Path, k: int, tracker, reco
         sd.mkdir(parents=True, exist_ok=True)
         stage.pairs.to_parquet(sd / "train_pairs.parquet", index=False)
     args = make_dpo_config(cfg, str(sd / "checkpoints"), seed=cfg.seed + k, max_steps=stage.max_steps)
-    callbacks = [tracker.stage_callback(k)] if tracker is not None else []
+    callbacks = [_CheckpointModes(), *([tracker.stage_callback(k)] if tracker is not None else [])]
     trainer = SeqDPOTrainer(
         model=peft_model, args=args, train_dataset=train_ds, processing_class=tok, loss=cfg.loss,
         packing=cfg.model.packing, callbacks=callbacks, label=label,
@@ -291,6 +312,7 @@ def _train_stage(cfg, peft_model, tok, train_ds, sd: Path, k: int, tracker, reco
                 tracker.series("grad_cosine", "progress", grad_cosine_rows(diag))
     if is_main_process():
         peft_model.save_pretrained(sd / "adapter")
+        follow_umask(sd / "adapter")  # safetensors writes 0600
         with open(sd / "train_log.jsonl", "w") as f:
             for row in trainer.state.log_history:
                 f.write(json.dumps(row) + "\n")
@@ -298,6 +320,14 @@ def _train_stage(cfg, peft_model, tok, train_ds, sd: Path, k: int, tracker, reco
         # checkpoints stay until DONE, so a stop before then still resumes rather than retrains.
         write_trained(sd, info)
     return info
+
+
+class _CheckpointModes(TrainerCallback):
+    """A checkpoint's adapter follows the umask too (safetensors writes 0600)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            follow_umask(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
 
 def _load_adapter(peft_model, folder: Path) -> None:

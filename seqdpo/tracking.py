@@ -21,6 +21,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from seqdpo.config import RunConfig
+from seqdpo.filemodes import follow_umask
 from seqdpo.wandb_keys import flat_config
 
 log = logging.getLogger("seqdpo")
@@ -51,6 +52,13 @@ class Tracker:
         import wandb
 
         os.environ.setdefault("WANDB_MODE", cfg.logger.mode)
+        self.own_data_dir = "WANDB_DATA_DIR" not in os.environ  # one the user chose is left alone
+        if self.own_data_dir:
+            # W&B stages the files of logged tables and images (read-only copies, ~9 a job) under its data
+            # directory, by default in the home directory, and never removes those an offline run made: they
+            # stay with the job instead, where `wandb sync` of this run reads them and deleting the job
+            # removes them. W&B reads the variable whenever it stages a file; finish() unsets it again.
+            os.environ["WANDB_DATA_DIR"] = str(Path(out_dir).resolve() / "wandb" / "data")
         self.run = wandb.init(
             project=cfg.logger.project,
             entity=cfg.logger.entity,
@@ -139,6 +147,9 @@ class Tracker:
         if self.run is not None:
             self.run.finish()
             self.run = None
+            if self.own_data_dir:
+                os.environ.pop("WANDB_DATA_DIR", None)
+            follow_umask(self.path.parent / "wandb")  # its staged files are read-only to their owner alone
 
 
 class _StageLogCallback(TrainerCallback):

@@ -84,6 +84,7 @@ BAD_VALUES = [
     ("dataset.n_train=-1", "dataset.n_train", ">= 1, or null for all"),
     ("dataset.min_pairs=0", "dataset.min_pairs", ">= 1"),
     ("dataset.warn_fraction=1.5", "dataset.warn_fraction", "[0, 1]"),
+    ("dataset.max_overlap=-0.1", "dataset.max_overlap", "[0, 1]"),
     # Added with + (what Hydra suggests after a typo): refused with the nearest real key.
     ("+train.batch_sise=4", "train.batch_sise", "did you mean 'train.batch_size'"),
     ("++eval.tie_tolerence=0.1", "eval.tie_tolerence", "did you mean 'eval.tie_tolerance'"),
@@ -124,3 +125,29 @@ def test_every_numeric_and_name_key_has_a_bad_value_row():
     tested = {row[1] for row in BAD_VALUES} | {row[1] for row in BAD_CONFIGS}
     assert set(_schema_keys(run_config())) - free - loss_keys - tested == set()
 
+
+
+def test_a_typo_gets_did_you_mean_on_the_first_attempt_and_leaves_no_directory(tmp_path):
+    """`lrr=1e-3` got Hydra's "Key 'lrr' not in 'RunConfig'" and its `+lrr` hint; only that second attempt
+    got seqdpo's suggestion, and it left outputs/runs/+lrr=1e-3/seqdpo.log behind."""
+    from cluster_helpers import explain, run, seqdpo_cmd
+
+    first = run(seqdpo_cmd("lrr=1e-3", f"hydra.run.dir={tmp_path / 'first'}"), cwd=tmp_path)
+    assert first.returncode == 1, explain(first)
+    assert "seqdpo: 'lrr' is not a key of seqdpo's config: did you mean 'lr'?" in first.stderr, explain(first)
+    second = run(seqdpo_cmd("+lrr=1e-3", "logger=none"), cwd=tmp_path)  # Hydra's default directory, from the overrides
+    assert second.returncode == 1 and "did you mean 'lr'?" in second.stdout + second.stderr, explain(second)
+    assert not (tmp_path / "first").exists()
+    assert not (tmp_path / "outputs" / "runs" / "+lrr=1e-3").exists(), explain(second)
+
+
+def test_override_hints_leave_groups_hydra_keys_and_free_dicts_alone():
+    from seqdpo.app import unknown_override_hints
+
+    fine = ["dataset=hh_rlhf", "experiment=sdpo", "hydra/launcher=submitit_local", "hydra.run.dir=x",
+            "dataset.options.markers=2", "+lrr=1", "train.max_steps=4", "-m"]
+    assert unknown_override_hints(fine) == []
+    assert unknown_override_hints(["dataset.n_trian=4"]) == [
+        "'dataset.n_trian' is not a key of seqdpo's config: did you mean 'dataset.n_train'? "
+        "(adding it with +dataset.n_trian is refused too)"
+    ]

@@ -40,6 +40,8 @@ def tok():
 
 
 def hh_cfg(path=FIXTURE_HH, objectives=("harmless",), **kw) -> DatasetConfig:
+    # The fixture's rows cycle through a few topics, so its splits share pairs (counted, not refused here)
+    kw.setdefault("max_overlap", 1.0)
     return DatasetConfig(name="hh_rlhf", objectives=list(objectives), path=str(path), **kw)
 
 
@@ -166,6 +168,31 @@ def test_warning_above_the_lost_fraction(tok, caplog):
     assert "pairs harmless/eval: model.max_length=128 dropped or truncated 25.0% of the pairs (3 of 12" in caplog.text
 
 
+def test_eval_pairs_also_in_train_are_counted_and_refused(tok, tmp_path):
+    """The test split copied to train (what a user does when train is missing) trains on the eval pairs."""
+    import shutil
+
+    shutil.copytree(FIXTURE_HH, tmp_path / "hh")
+    shutil.copy(tmp_path / "hh" / "harmless-base" / "test.jsonl.gz", tmp_path / "hh" / "harmless-base" / "train.jsonl.gz")
+    objectives = build_objectives(hh_cfg(tmp_path / "hh"), seed=0)
+    with pytest.raises(DataError) as refused:
+        prepare_pairs(objectives, tok, hh_cfg(tmp_path / "hh", warn_fraction=1.0, max_overlap=0.01), 128, seed=0)
+    assert ("objective 'harmless': 10 of its 10 eval pairs (100.0%) are also training pairs (same prompt, chosen "
+            "and rejected), more than dataset.max_overlap=0.01") in str(refused.value)
+    assert f"Check the splits of {tmp_path / 'hh'}" in str(refused.value)
+    allowed = prepare_pairs(objectives, tok, hh_cfg(tmp_path / "hh", warn_fraction=1.0, max_overlap=1.0), 128, seed=0)
+    table = allowed.table()["harmless"]
+    assert table["eval"]["in_both_splits"] == 10 and table["eval"]["overlap_fraction"] == 1.0
+    assert table["train"]["in_both_splits"] == 10 and table["train"]["kept"] == 10
+    assert allowed.summary_keys()["pairs/harmless/eval/in_both_splits"] == 10
+
+
+def test_synthetic_splits_share_no_pair_at_default_sizes(tok):
+    cfg = run_config().dataset
+    prepared = prepare_pairs(build_objectives(cfg, seed=0), tok, cfg, 256, seed=0)
+    assert all(a.in_both_splits == 0 and a.kept for a in prepared.accounts)
+
+
 def test_too_few_pairs_is_an_error_naming_objective_split_and_max_length(tok):
     objectives = build_objectives(hh_cfg(), seed=0)
     with pytest.raises(DataError, match=r"objective 'harmless', train split: 0 pairs left.*model.max_length=8"):
@@ -178,9 +205,10 @@ def test_too_few_pairs_is_an_error_naming_objective_split_and_max_length(tok):
 
 
 def test_accounting_keys_compose():
-    cfg = run_config(["dataset=hh_rlhf", "dataset.min_pairs=5", "dataset.warn_fraction=0.2"])
-    assert (cfg.dataset.min_pairs, cfg.dataset.warn_fraction) == (5, 0.2)
-    assert (run_config().dataset.min_pairs, run_config().dataset.warn_fraction) == (1, 0.05)
+    cfg = run_config(["dataset=hh_rlhf", "dataset.min_pairs=5", "dataset.warn_fraction=0.2", "dataset.max_overlap=1"])
+    assert (cfg.dataset.min_pairs, cfg.dataset.warn_fraction, cfg.dataset.max_overlap) == (5, 0.2, 1.0)
+    default = run_config().dataset
+    assert (default.min_pairs, default.warn_fraction, default.max_overlap) == (1, 0.05, 0.01)
 
 
 def test_synthetic_honours_dataset_n_train_and_n_eval(tok):
@@ -235,7 +263,7 @@ def _hh_job(tmp_path, path: Path, *overrides):
     cfg = run_config([
         "dataset=hh_rlhf", f"dataset.path={path}", "dataset.n_train=null", "dataset.n_eval=null", "order=ab",
         "train.max_steps=2", "train.batch_size=4", "eval.batch_size=32", "diagnostics.grad_cosine=false",
-        "diagnostics.adapter_movement=false", f"ref_cache_dir={tmp_path / 'cache'}", *overrides,
+        "diagnostics.adapter_movement=false", f"ref_cache_dir={tmp_path / 'cache'}", "dataset.max_overlap=1", *overrides,
     ])
     out = tmp_path / "run"
     return out, run_job(cfg, str(out))
@@ -262,6 +290,7 @@ def test_job_on_hh_fixtures_stores_its_pair_accounting(tmp_path, caplog):
         assert (pairs[(pairs.stage == 2) & (pairs.objective == objective)].pair_id.nunique()) == table[objective]["eval"]["kept"]
     harmless = table["harmless"]["eval"]
     assert (harmless["rows"], harmless["kept"], harmless["truncated"]) == (13, 10, 1)
+    assert harmless["in_both_splits"] == 6  # the fixture cycles through topics: counted, allowed by the override
     assert {k: v for k, v in harmless["dropped"].items() if v} == {"empty_response": 1, "prompt_too_long": 1,
                                                                     "truncated_to_identical": 1}
     kept = set(pairs[pairs.objective == "harmless"].pair_id)

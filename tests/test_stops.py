@@ -16,14 +16,17 @@ The same job is started six times, as a cluster's life would have it:
 """
 
 import json
+import os
 import signal
 import socket
+import stat
 import subprocess
+import time
 
 import numpy as np
 import pytest
 
-from cluster_helpers import explain, job_env, run, seqdpo_cmd, wait_for
+from cluster_helpers import TINY, explain, job_env, run, seqdpo_cmd, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -221,6 +224,8 @@ def test_rerun_resumes_from_the_newest_intact_checkpoint(stops):
     assert done2["resumed_from"].endswith("/stage_2/checkpoints/" + seen["intact"].name), done2
     assert len(done2["torn_checkpoints"]) == 1 and done2["torn_checkpoints"][0].startswith(seen["torn"] + ": ")
     assert f"checkpoint {job / 'stage_2' / 'checkpoints' / seen['torn']} is torn" in seen["done_log"]
+    # accelerate's notice for a resumed dataloader without a length (printed six times a stage) is filtered
+    assert "stage 2 resumes from" in seen["done_log"] and "The used dataset had no length" not in seen["done_log"]
     assert done2["train_steps"] == 100
 
 
@@ -237,6 +242,8 @@ def test_refused_rerun_leaves_the_directory_byte_identical(stops):
     root, job, seen = stops
     assert seen["refused"].returncode != 0
     assert "different config" in seen["refused"].stderr + seen["refused"].stdout
+    # which keys differ, not only that the signatures do
+    assert "differing keys: beta 0.3 (there) vs 0.1 (this job)" in seen["refused"].stderr, explain(seen["refused"])
     assert seen["refused_same"]
 
 
@@ -259,3 +266,101 @@ def test_failed_rerun_records_its_stage_and_hides_the_earlier_results(stops):
     assert lines[head + 1].split()[0] == "failed" and lines[head + 1].split()[2] == job.name
     assert "(stage 2: " in lines[head + 1]
     assert lines[head + 2] == f"next: python -m seqdpo.report {root}"
+
+
+def _tiny_job(root, job, *extra):
+    return seqdpo_cmd(*TINY, f"ref_cache_dir={root / 'refcache'}", f"hydra.run.dir={job}", *extra)
+
+
+def test_a_second_job_on_a_live_directory_is_refused_and_the_first_finishes(tmp_path):
+    job = tmp_path / "job"
+    cmd = _tiny_job(tmp_path, job, "logger=wandb")
+    env = job_env()
+    first = _start(cmd, tmp_path, env, "first")
+    try:
+        _wait(first, lambda: (job / "status.json").exists() and _status(job)["stage"] is not None, "the first job's stage 0")
+        first.send_signal(signal.SIGSTOP)  # alive, holding the directory, however long the second takes to start
+        second = run(cmd, cwd=tmp_path, env=env, timeout=600)
+        first.send_signal(signal.SIGCONT)
+        first.wait(timeout=900)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert second.returncode == 1, explain(second)
+    assert f"{job} is in use by another job (pid {first.pid} on {socket.gethostname()} since " in second.stderr
+    assert first.returncode == 0, first.log.read_text()[-5000:]
+    assert _status(job)["state"] == "done" and _status(job)["pid"] == first.pid
+    assert len(list((job / "wandb").glob("offline-run-*"))) == 1  # the refused job opened no W&B run
+    log = (job / "seqdpo.log").read_text()
+    assert log.count("config signature") == 1 and "in use by another job" not in log  # nothing of the second job
+    # the lock died with the first job: the same job runs again (as a requeue or a rerun after a kill would)
+    third = run(cmd, cwd=tmp_path, env=env, timeout=600)
+    assert third.returncode == 0, explain(third)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_job_whose_disk_fills_ends_failed_without_temp_files(tmp_path, tiny_disk):
+    job = tiny_disk / "job"
+    proc = _start(_tiny_job(tmp_path, job, "train.max_steps=40", "logger=none"), tmp_path,
+                  job_env(SEQDPO_HEARTBEAT_S="0.2"), "full")
+    try:
+        _wait(proc, lambda: (job / "status.json").exists() and _status(job)["stage"] == 1, "stage 1")
+        # Everything left on the disk taken while stage 1 trains: the job's next write fails, and so
+        # would a status write without the space the job set aside for it.
+        with open(tiny_disk / "filler", "wb") as f, pytest.raises(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+                os.fsync(f.fileno())
+        proc.wait(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = proc.log.read_text()
+    assert proc.returncode == 1, out[-5000:]
+    status = _status(job)
+    assert status["state"] == "failed" and status["stage"] == 1, status
+    assert "No space left on device" in status["error"]
+    assert not [p for p in job.rglob("*") if p.name.endswith(".tmp")]
+    assert f"the disk holding {job} is full (" in out and " free of 2 MiB)" in out, out[-3000:]
+    assert "Traceback" not in out and "Logging error" not in out, out[-5000:]
+
+
+def test_every_file_of_a_job_follows_the_umask_adapters_included(tmp_path):
+    job = tmp_path / "job"
+    # checkpoints every 2 steps: their adapters too, while the stage runs (they are gone once it is done)
+    cmd = _tiny_job(tmp_path, job, "logger=wandb", "train.save_steps=2", "strategy=anchor", "strategy.penalty=ewc",
+                    "strategy.fisher_pairs=4")
+    modes = {}
+
+    def checkpoint_modes():
+        for f in job.glob("stage_*/checkpoints/checkpoint-*/adapter_model.safetensors"):
+            try:
+                modes[f] = stat.S_IMODE(f.stat().st_mode)
+            except FileNotFoundError:  # removed once its stage was done
+                pass
+
+    with open(tmp_path / "job.out", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=job_env(), stdout=log, stderr=subprocess.STDOUT, umask=0o002)
+    while proc.poll() is None:
+        checkpoint_modes()
+        time.sleep(0.05)
+    out = (tmp_path / "job.out").read_text()
+    assert proc.returncode == 0, out[-5000:]
+    assert modes and all(m & stat.S_IRGRP for m in modes.values()), modes
+    files = [p for p in job.rglob("*") if p.is_file()]
+    assert any(p.name == "adapter_model.safetensors" for p in files)
+    assert any(p.name == "anchor_fisher.safetensors" for p in files)
+    private = [f"{p.relative_to(job)} {stat.S_IMODE(p.stat().st_mode):o}" for p in files
+               if not p.stat().st_mode & stat.S_IRGRP]
+    assert not private

@@ -51,3 +51,23 @@ def test_intervals_and_verdicts_become_summary_scalars():
     assert s["reading/accuracy/stage2/polite"] == "retention"
     assert s["min_detectable/accuracy/stage2/polite"] == 0.21
     assert interval_summary({"stages": [], "objectives": [], "metrics": {}}) == {}
+
+
+@pytest.mark.slow
+def test_wandb_stages_its_files_in_the_job_directory_not_the_home(tmp_path, monkeypatch):
+    """W&B 0.31 copied every logged table into ~/.local/share/wandb/artifacts/staging (read-only, ~9 a job,
+    never removed)."""
+    import pandas as pd
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "home-data"))  # where W&B's default data directory goes
+    monkeypatch.delenv("WANDB_DATA_DIR", raising=False)
+    cfg = run_config([*SMALL_JOB, "logger=wandb"])
+    job = tmp_path / "job"
+    job.mkdir()
+    tracker = Tracker(cfg, job, signature=signature(cfg), group="g")
+    tracker.log_tables({"transfer": pd.DataFrame({"stage": [1, 2], "value": [0.5, 0.25]})})
+    tracker.finish()
+    staged = list((job / "wandb" / "data" / "artifacts" / "staging").rglob("*"))
+    assert staged, list(job.rglob("*"))
+    assert not [p for p in (tmp_path / "home-data").rglob("*") if p.is_file()]
+    assert "WANDB_DATA_DIR" not in __import__("os").environ  # the next job (a multirun's) sets its own

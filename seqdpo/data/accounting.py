@@ -16,13 +16,16 @@ objective x split:
 
 (for every builder but helpsteer2 the left side is the rows read; for helpsteer2 it is its
 `same_prompt_pairs`, every two responses to one prompt).
-Each objective gets one log line. More than `dataset.warn_fraction` of a split's pairs dropped or
+Kept pairs that both splits hold (prompt, chosen and rejected alike) are counted (`in_both_splits`);
+more than `dataset.max_overlap` of a split's eval pairs among them is a DataError naming the dataset's
+path. Each objective gets one log line. More than `dataset.warn_fraction` of a split's pairs dropped or
 truncated by `model.max_length` is a warning; fewer than `dataset.min_pairs` pairs kept is a DataError
 naming the objective, the split and `model.max_length`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
@@ -52,6 +55,7 @@ class SplitAccount:
     truncated: int = 0  # kept pairs that lost completion tokens to model.max_length
     tokens_lost: int = 0  # completion tokens (chosen + rejected) those pairs lost
     builder_counts: dict = field(default_factory=dict)  # the builder's other counts (e.g. unpaired_rows)
+    in_both_splits: int = 0  # kept pairs (prompt, chosen and rejected alike) the other split also keeps
 
     @property
     def unused(self) -> int:
@@ -72,10 +76,15 @@ class SplitAccount:
     def lost_fraction(self) -> float:
         return self.max_length_losses / self.tokenized if self.tokenized else 0.0
 
+    @property
+    def overlap_fraction(self) -> float:
+        return self.in_both_splits / self.kept if self.kept else 0.0
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("objective"), d.pop("split")
-        d.update(unused=self.unused, capped=self.capped, lost_fraction=self.lost_fraction)
+        d.update(unused=self.unused, capped=self.capped, lost_fraction=self.lost_fraction,
+                 overlap_fraction=self.overlap_fraction)
         return d
 
     def line(self, max_length: int | None) -> str:
@@ -89,6 +98,8 @@ class SplitAccount:
         )
         if self.unused:
             text += f"; {self.unused} built pairs unused"
+        if self.in_both_splits:
+            text += f"; {self.in_both_splits} pairs also in the other split"
         if self.builder_counts:
             text += "; builder: " + ", ".join(f"{k} {_short(v)}" for k, v in self.builder_counts.items())
         return text + ")"
@@ -111,7 +122,7 @@ class PreparedPairs:
         flat = {}
         for a in self.accounts:
             d = a.to_dict()
-            for key in ("rows", "built", "kept", "truncated", "tokens_lost", "unused", "lost_fraction"):
+            for key in ("rows", "built", "kept", "truncated", "tokens_lost", "unused", "lost_fraction", "in_both_splits"):
                 flat[f"pairs/{a.objective}/{a.split}/{key}"] = d[key]
             for reason, n in a.dropped.items():
                 flat[f"pairs/{a.objective}/{a.split}/dropped_{reason}"] = n
@@ -137,12 +148,26 @@ def prepare_pairs(
             )
             getattr(prepared, split)[name] = ds
             prepared.accounts.append(account)
+        _count_overlap(prepared.train[name], prepared.eval[name], prepared.accounts[-2:])
     for name in objectives:
         mine = [a for a in prepared.accounts if a.objective == name]
         log.info("pairs %s: %s", name, " | ".join(a.line(max_length) for a in mine))
         for account in mine:
             _check(account, cfg, max_length)
     return prepared
+
+
+def _pair_keys(ds) -> list[str]:
+    cols = ds.select_columns(["prompt", "chosen", "rejected"]).to_dict()
+    return [json.dumps(row, sort_keys=True) for row in zip(cols["prompt"], cols["chosen"], cols["rejected"])]
+
+
+def _count_overlap(train, eval_, accounts: list[SplitAccount]) -> None:
+    """Kept pairs that both splits hold: evaluated on what was trained on (e.g. a test file copied to train)."""
+    train_keys, eval_keys = _pair_keys(train), _pair_keys(eval_)
+    in_train, in_eval = set(train_keys), set(eval_keys)
+    for account, keys, other in zip(accounts, (train_keys, eval_keys), (in_eval, in_train)):
+        account.in_both_splits = sum(k in other for k in keys)
 
 
 def _draw_split(name, split, ds, builder_stats: dict, requested, tokenizer, max_length, seed):
@@ -194,6 +219,14 @@ def _check(a: SplitAccount, cfg: "DatasetConfig", max_length: int | None) -> Non
                 if a.max_length_losses > a.truncated
                 else f"the data hold no more: check {size_key}, dataset.path and the builder's drops"
             )
+        )
+    if a.split == "eval" and a.overlap_fraction > cfg.max_overlap:
+        raise DataError(
+            f"objective '{a.objective}': {a.in_both_splits} of its {a.kept} eval pairs ({100 * a.overlap_fraction:.1f}%) "
+            f"are also training pairs (same prompt, chosen and rejected), more than dataset.max_overlap="
+            f"{cfg.max_overlap}: the job would score what it trained on. Check the splits of "
+            f"{cfg.path or f'the hub copy of {cfg.name}'} (was one file copied to the other?), or set "
+            "dataset.max_overlap=1 to run anyway"
         )
     if a.capped:
         log.warning(

@@ -92,6 +92,8 @@ def _fisher_of_previous(cfg: RunConfig, trainer, rows, job_dir: Path, k: int, ma
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from seqdpo.filemodes import follow_umask
+
     path = job_dir / f"stage_{k}" / FISHER_FILE
     if path.exists():
         with safe_open(str(path), "pt") as f:
@@ -104,6 +106,7 @@ def _fisher_of_previous(cfg: RunConfig, trainer, rows, job_dir: Path, k: int, ma
     if main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({n: v.contiguous() for n, v in fisher.items()}, str(path), metadata={"mean": repr(mean)})
+        follow_umask(path)  # safetensors writes 0600
     return fisher, mean
 
 
