@@ -24,7 +24,7 @@ from typing import Any, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-SLURM_LAUNCHER_TARGET = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+SLURM_LAUNCHER_TARGET = "hydra_plugins.seqdpo_launcher.SlurmLauncher"
 
 
 class ClusterError(RuntimeError):
