@@ -145,7 +145,7 @@ def check_slurm(partition: Optional[str] = None, request: Request = Request(), *
     if sbatch is None:
         raise ClusterError(
             "`sbatch` is not on PATH, so this machine cannot submit SLURM jobs. Run the sweep on a login "
-            "node (or load the cluster's slurm module), or use hydra/launcher=submitit_local or "
+            "node (or load the cluster's slurm module), or use hydra/launcher=local_submitit or "
             "hydra/launcher=local to run it here."
         )
     for tool in ("scontrol", "sinfo"):
