@@ -105,6 +105,33 @@ def test_world_words_are_single_tokens_of_the_tiny_tokenizer():
     assert [w for w in words if len(tok.tokenize(" " + w)) != 1] == []
 
 
+def test_eval_prompts_are_held_out_from_every_objective_s_training_prompts():
+    cfg = DatasetConfig(name="synthetic", objectives=list(S.OBJECTIVES), n_train=256, n_eval=None, options={})
+    objs = build_objectives(cfg, 0)
+    train = {r[0]["content"] for o in objs.values() for r in o.train["prompt"]}
+    for o in objs.values():
+        prompts = [r[0]["content"] for r in o.eval["prompt"]]
+        assert len(prompts) == S.SIZES["n_eval"] and len(set(prompts)) >= 64
+        assert set(prompts).isdisjoint(train)
+        # the response is about the topic its prompt asks about
+        for prompt, chosen in zip(prompts, o.eval["chosen"]):
+            assert chosen[0]["content"].split()[0] in prompt.split()
+    assert train == {S.TRAIN_TEMPLATE.format(topic=t) for t in S.TOPICS}
+
+
+def test_eval_prompt_words_are_single_tokens_and_carry_no_attribute():
+    from seqdpo.modeling import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(1024)
+    attribute_words = {*S.UNSEEN} | {w for d in (S.ATTRIBUTE_WORDS, S.PLAIN_WORDS) for ws in d.values() for w in ws}
+    for template in [S.TRAIN_TEMPLATE, *S.EVAL_TEMPLATES]:
+        words = template.format(topic="tea").split()
+        # as in the training prompt: the first word has no leading space, punctuation is its own word
+        pieces = [tok.tokenize(w if i == 0 else " " + w) for i, w in enumerate(words)]
+        assert [w for w, p in zip(words, pieces) if len(p) != (2 if w in ".?" else 1)] == [], template
+        assert not set(words) & attribute_words, template
+
+
 def test_dataset_n_train_and_n_eval_set_the_generated_pairs():
     # dataset.n_train above the old options.n_train (256) was capped to 256 silently
     objs = world(n_train=300)

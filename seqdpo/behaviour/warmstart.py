@@ -40,7 +40,7 @@ def warm_start_examples(n: int, seed: int = SEED) -> list[tuple[list[dict], list
         topic = rng.choice(S.TOPICS)
         attrs = {a: int(rng.random() < 0.5) for a in S.ATTRIBUTE_OBJECTIVES}
         text = S.response(rng, topic, rng.randint(*S.FILLER_WORDS), attrs, opts["markers"], opts["slot"])
-        out.append(([{"role": "user", "content": f"tell me about {topic} ."}], [{"role": "assistant", "content": text}]))
+        out.append(([{"role": "user", "content": S.TRAIN_TEMPLATE.format(topic=topic)}], [{"role": "assistant", "content": text}]))
     return out
 
 

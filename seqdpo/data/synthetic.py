@@ -19,6 +19,12 @@ is the fraction of pairs where it is coupled (in the other pairs it is equal in 
 
 `noise` swaps chosen and rejected in that fraction of pairs (label noise).
 
+Prompts: every training pair asks `tell me about <topic> .`; eval pairs ask through templates no training
+pair uses (`EVAL_TEMPLATES`), each (template, topic) at most once per cycle, so up to 80 eval prompts are
+distinct and none is a training prompt: what a model does on the eval split (and on generations from its
+prompts) is measured on prompts it was not trained on. The eval split of every objective walks the same
+seeded order of those prompts.
+
 More objectives, for other studies:
     concise / detailed   filler-only responses, short over long and the reverse (conflict through length)
     unseen               responses of a vocabulary no other objective uses, no preference: its likelihood
@@ -49,6 +55,19 @@ ATTRIBUTE_WORDS = {
 PLAIN_WORDS = {"polite": ["you", "here"], "factual": ["some", "one"]}
 # Words of no training pair of the other objectives (every one a single token of the tiny tokenizer).
 UNSEEN = ["water", "boils", "degrees", "sea", "poem", "steps", "salt", "flour", "dough", "yeast", "capital", "level"]
+TRAIN_TEMPLATE = "tell me about {topic} ."
+# Held-out prompts: words that are one token each of the tiny tokenizer where they stand (as the training
+# prompt's are) and are no marker, plain or unseen word, so a prompt carries no attribute itself.
+EVAL_TEMPLATES = [
+    "tell me about the {topic} .",
+    "tell me a thing about {topic} .",
+    "tell me a simple thing about {topic} .",
+    "tell me about {topic} at home .",
+    "tell me about {topic} and people .",
+    "tell me about {topic} for a short time .",
+    "is {topic} a thing that people like ?",
+    "is {topic} a thing that many people know about ?",
+]
 ATTRIBUTE_OBJECTIVES = ("polite", "factual")
 OBJECTIVES = (*ATTRIBUTE_OBJECTIVES, "concise", "detailed", "unseen")
 RELATIONS = ("conflicting", "orthogonal", "compatible")
@@ -125,12 +144,26 @@ def attribute_pair(objective: str, rng: random.Random, opts: dict) -> tuple[dict
     return {objective: 1, other: c_other}, {objective: 0, other: r_other}, coupled
 
 
-def _pairs(objective: str, n: int, rng: random.Random, split: str, opts: dict) -> tuple[dict, dict]:
+def eval_prompts(n: int, data_seed) -> list[tuple[str, str]]:
+    """(prompt text, topic) of eval pairs 0 ... n-1: a seeded order of every (template, topic), repeated
+    when n exceeds it. Its own stream, so the eval pairs' responses follow the same draws at any n."""
+    combos = [(t.format(topic=topic), topic) for t in EVAL_TEMPLATES for topic in TOPICS]
+    random.Random(f"{data_seed}-eval-prompts").shuffle(combos)
+    return [combos[i % len(combos)] for i in range(n)]
+
+
+def _pairs(objective: str, n: int, rng: random.Random, split: str, opts: dict, prompts=None) -> tuple[dict, dict]:
+    """`n` pairs of `objective`; `prompts` gives each pair's (prompt text, topic), else the training
+    prompt of a topic drawn from `rng`."""
     rows = {"pair_id": [], "prompt": [], "chosen": [], "rejected": []}
     stats = {"rows": n, "coupled": 0, "flipped": 0}
     m, slot = opts["markers"], opts["slot"]
     for i in range(n):
-        topic = rng.choice(TOPICS)
+        if prompts is None:
+            topic = rng.choice(TOPICS)
+            prompt = TRAIN_TEMPLATE.format(topic=topic)
+        else:
+            prompt, topic = prompts[i]
         n_filler = rng.randint(*FILLER_WORDS)
         if objective in ATTRIBUTE_OBJECTIVES:
             ca, ra, coupled = attribute_pair(objective, rng, opts)
@@ -147,7 +180,7 @@ def _pairs(objective: str, n: int, rng: random.Random, split: str, opts: dict) -
             chosen, rejected = rejected, chosen
             stats["flipped"] += 1
         rows["pair_id"].append(f"{objective}-{split}-{i}")
-        rows["prompt"].append([{"role": "user", "content": f"tell me about {topic} ."}])
+        rows["prompt"].append([{"role": "user", "content": prompt}])
         rows["chosen"].append([{"role": "assistant", "content": chosen}])
         rows["rejected"].append([{"role": "assistant", "content": rejected}])
     return rows, stats
@@ -170,10 +203,11 @@ def build(cfg, seed: int) -> dict[str, Objective]:
     n_train = SIZES["n_train"] if cfg.n_train is None else cfg.n_train
     n_eval = SIZES["n_eval"] if cfg.n_eval is None else cfg.n_eval
     out = {}
+    prompts = eval_prompts(n_eval, data_seed)
     for name in (o for o in OBJECTIVES if o in cfg.objectives):
         # One stream per objective and split: adding an objective or resizing a split changes no other pair.
         train, st_train = _pairs(name, n_train, random.Random(f"{data_seed}-{name}-train"), "train", opts)
-        eval_, st_eval = _pairs(name, n_eval, random.Random(f"{data_seed}-{name}-eval"), "eval", opts)
+        eval_, st_eval = _pairs(name, n_eval, random.Random(f"{data_seed}-{name}-eval"), "eval", opts, prompts)
         relation = f" ({opts['relation']}, strength {opts['strength']})" if name in ATTRIBUTE_OBJECTIVES else ""
         out[name] = Objective(
             name,
