@@ -101,8 +101,11 @@ def fit_request(partition: str, nodes: list[Node], limit_min: Optional[int], req
         fixes.append(f"hydra.launcher.gpus_per_node={best.gpus}")
     if too_long:
         fixes.append(f"hydra.launcher.timeout_min={limit_min}")
-    if len(fitting) < req.nodes and not fixes:
+    if not fixes and fitting:
         fixes.append(f"hydra.launcher.nodes={len(fitting)}")
+    elif not fixes:  # every number fits some node, but no node has them all at once
+        fixes.append("sizes one node holds (" + "; ".join(f"{n.name}: {n.cpus} CPUs, {n.mem_mb} MB, {n.gpus} GPUs"
+                                                        for n in nodes[:5]) + ")")
     asked = (f"{req.cpus} CPUs ({req.cpus_per_task} per task x {req.tasks_per_node} tasks), "
              f"{'no memory limit' if mem_mb is None else f'{mem_mb} MB'}, {gpus} GPUs per node on {req.nodes} node(s), "
              f"{'no time limit' if req.timeout_min is None else f'{req.timeout_min} min'}")

@@ -45,7 +45,7 @@ def state_line(states: Sequence[str]) -> str:
     """'4 jobs: 1 running, 3 pending (Resources)' (running first, ended last)."""
     counts = Counter(states)
     order = sorted(counts, key=lambda s: (s != "running", s == "ended", s))
-    return f"{len(states)} jobs: " + ", ".join(f"{counts[s]} {s}" for s in order)
+    return f"{len(states)} job{'' if len(states) == 1 else 's'}: " + ", ".join(f"{counts[s]} {s}" for s in order)
 
 
 def watch(jobs: Sequence, on_slurm: bool, say: Callable[[str], None] | None = None, poll_s: float = 1.0) -> None:
@@ -66,22 +66,19 @@ def watch(jobs: Sequence, on_slurm: bool, say: Callable[[str], None] | None = No
         time.sleep(poll_s)
 
 
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
-    return lines[-1] if lines else "(no output)"
-
-
 def collect(job, overrides: Sequence[str]):
     """The job's Hydra JobReturn; a job that ended without one gets a FAILED return whose error is one
     paragraph (state, the last line of its error stream, where its logs are) instead of the whole stream."""
     from hydra.core.utils import JobReturn, JobStatus
     from submitit.core.utils import UncompletedJobError
 
+    from seqdpo.sweep_end import last_line
+
     try:
         return job.results()[0]
     except UncompletedJobError as e:
         err = job.paths.stderr
-        last = _last_line(err.read_text(errors="replace")) if err.exists() else _last_line(str(e))
+        last = last_line(err.read_text(errors="replace") if err.exists() else "") or last_line(str(e))
         error = JobEndedWithoutResult(
             f"job {job.job_id} ({' '.join(overrides)}) ended without a result (state: {job.state}); last line of its "
             f"error stream: {last}; logs: {err} and {job.paths.stdout}")

@@ -40,7 +40,8 @@ def _duration(job: Path, status: dict, state: str) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
-def _last_line(text: str) -> str:
+def last_line(text: str) -> str:
+    """The last non-empty line, stripped (an error's message after its traceback)."""
     return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "")
 
 
@@ -78,7 +79,7 @@ def sweep_summary(sweep: Path) -> str:
         line = f"  {state:<12} {_duration(job, status, state):>8}  {rel}"
         if state not in ("done", "not started"):
             line += f"  ({where(status.get('stage'))}"
-            line += f": {_last_line(status['error'])})" if status.get("error") else ")"
+            line += f": {last_line(status['error'])})" if status.get("error") else ")"
         losses = _pair_losses(job) if state == "done" else []
         if losses:
             flagged += 1

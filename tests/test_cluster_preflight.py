@@ -81,6 +81,12 @@ def test_a_request_no_node_holds_is_refused_with_both_sets_of_numbers():
         fit_request("debug", SMALL_NODE, 60, Request(timeout_min=720))
     with pytest.raises(ClusterError, match="CPUs \\(4 per task x 2 tasks\\).*cpus_per_task=1"):
         fit_request("debug", SMALL_NODE, None, Request(cpus_per_task=4, tasks_per_node=2))
+    mixed = [Node("cpu1", cpus=64, mem_mb=256000, gpus=0), Node("gpu1", cpus=8, mem_mb=64000, gpus=4)]
+    fit_request("gpu", mixed, None, Request(cpus_per_task=8, mem_gb=32, gpus_per_node=4))
+    with pytest.raises(ClusterError, match="0 fit.*Override: sizes one node holds \\(cpu1: 64 CPUs.*gpu1: 8 CPUs"):
+        fit_request("gpu", mixed, None, Request(cpus_per_task=16, gpus_per_node=1))
+    with pytest.raises(ClusterError, match="1 fit.*Override: hydra.launcher.nodes=1"):
+        fit_request("gpu", mixed, None, Request(cpus_per_task=32, nodes=2))
 
 
 @pytest.mark.slurm

@@ -101,3 +101,8 @@ def test_a_failed_submitit_sweep_still_ends_with_its_summary(tmp_path):
     assert lines["16"].split()[0] == "done" and "pairs lost to model.max_length: " in lines["16"], lines["16"]
     assert "/train 100% (32 of 32)" in lines["16"], lines["16"]
     assert "2 jobs: 2 running" in proc.stderr and "2 jobs: 2 ended" in proc.stderr, proc.stderr[-3000:]
+    from seqdpo.report.build import build_report
+
+    build_report(sweep, tmp_path / "report")
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "Jobs that lost pairs to model.max_length" in summary and "polite/train 100% (32 of 32)" in summary

@@ -13,6 +13,7 @@ def test_state_line_counts_running_first_and_ended_last():
     assert state_line(["pending (Resources)", "running", "ended", "pending (Resources)"]) == (
         "4 jobs: 1 running, 2 pending (Resources), 1 ended")
     assert state_line(["ended", "ended"]) == "2 jobs: 2 ended"
+    assert state_line(["pending"]) == "1 job: 1 pending"
 
 
 def _executor(tmp_path):

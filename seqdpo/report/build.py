@@ -23,7 +23,6 @@ from seqdpo.report.seeds import (
     transfer_across_seeds,
     verdicts_across_seeds,
 )
-from seqdpo.sweep_end import over_warn_fraction
 from seqdpo.report.tables import (
     analysis_rows,
     base_row,
@@ -37,6 +36,7 @@ from seqdpo.report.tables import (
     verdicts_side_by_side,
     verdicts_table,
 )
+from seqdpo.sweep_end import over_warn_fraction
 
 
 def build_report(root: Path, out: Path, html_too: bool = False) -> dict[str, Any]:
