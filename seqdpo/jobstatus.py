@@ -165,6 +165,7 @@ def observed_state(status: dict, *, now: float | None = None) -> str:
     return "lost" if lost_reason(status, now=now) else state
 
 
-def where(stage) -> str:
-    """'stage 2', or 'before stage 0' for a job stopped while it loaded the model and data (stage None)."""
-    return "before stage 0" if stage is None else f"stage {stage}"
+def where(stage, at: str = "") -> str:
+    """'stage 2' ('at stage 2' with at="at "), or 'before stage 0' for a job stopped while it loaded the
+    model and data (stage None)."""
+    return "before stage 0" if stage is None else f"{at}stage {stage}"

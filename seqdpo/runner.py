@@ -63,7 +63,7 @@ def run_job(cfg: RunConfig, out_dir: str, *, group: str | None = None) -> dict:
         state = "interrupted" if isinstance(e, (SystemExit, KeyboardInterrupt)) else "failed"
         status.set(state, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc())
         # The error itself is reported once, by whoever catches it (seqdpo.app: one paragraph or a traceback).
-        log.info("job %s %s (status.json)", state, where(status.stage))
+        log.info("job %s %s (status.json)", state, where(status.stage, at="at "))
         if tracker is not None:
             # A SLURM requeue kills the whole job step, W&B's service process included, while submitit's
             # SystemExit unwinds through here: closing the run can then fail, and that error must not

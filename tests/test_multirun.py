@@ -98,6 +98,7 @@ def test_a_failed_submitit_sweep_still_ends_with_its_summary(tmp_path):
     assert lines["8"].split()[0] == "failed"
     assert lines["8"].endswith(f"(before stage 0: {error.strip().splitlines()[-1].strip()})"), lines["8"]
     assert "0 pairs left" in lines["8"]
+    assert "job failed before stage 0 (status.json)" in next(sweep.glob("*max_length=8*/seqdpo.log")).read_text()
     assert lines["16"].split()[0] == "done" and "pairs lost to model.max_length: " in lines["16"], lines["16"]
     assert "/train 100% (32 of 32)" in lines["16"], lines["16"]
     assert "2 jobs: 2 running" in proc.stderr and "2 jobs: 2 ended" in proc.stderr, proc.stderr[-3000:]
