@@ -99,6 +99,10 @@ def main(cfg: DictConfig) -> dict:
                 _save_hydra_files(out / ".hydra", cfg, hc)
             quiet_libraries()
             log.info("%s", config_summary(run_cfg, signature(run_cfg), str(out)))
+            import torch  # already loaded by seqdpo.runner
+
+            # a submitit job's threads follow its CPU allotment (hydra_plugins/seqdpo_launcher.py); a plain run keeps torch's default
+            log.info("torch threads: %d", torch.get_num_threads())
             matrix = run_job(run_cfg, str(out), group=group)
         log_result(matrix, str(out), time.time() - t0)  # after W&B's footer: the last thing printed
         return matrix

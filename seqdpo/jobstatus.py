@@ -198,3 +198,9 @@ def observed_state(status: dict, *, now: float | None = None) -> str:
     """The state as a reader should take it: `lost` for a running job that is no longer there."""
     state = str(status.get("state", "unknown"))
     return "lost" if lost_reason(status, now=now) else state
+
+
+def where(stage, at: str = "") -> str:
+    """'stage 2' ('at stage 2' with at="at "), or 'before stage 0' for a job stopped while it loaded the
+    model and data (stage None)."""
+    return "before stage 0" if stage is None else f"{at}stage {stage}"

@@ -52,7 +52,7 @@ def run_job(cfg: RunConfig, out_dir: str, *, group: str | None = None) -> dict:
 
 
 def _run_job(cfg: RunConfig, out: Path, group: str | None) -> dict:
-    from seqdpo.jobstatus import JobStatus, read_status, stop_on_sigterm
+    from seqdpo.jobstatus import JobStatus, read_status, stop_on_sigterm, where
 
     sig = C.signature(cfg)
     # A rerun of a finished job (every stage DONE) adds nothing its W&B run lacks: it opens none.
@@ -81,7 +81,7 @@ def _run_job(cfg: RunConfig, out: Path, group: str | None) -> dict:
             log.warning("could not record the job's end in %s: %r", status.path, status_error)
         status.release_space()
         # The error itself is reported once, by whoever catches it (seqdpo.app: one paragraph or a traceback).
-        log.info("job %s at stage %s (status.json)", state, status.stage)
+        log.info("job %s %s (status.json)", state, where(status.stage, at="at "))
         if tracker is not None:
             # A SLURM requeue kills the whole job step, W&B's service process included, while submitit's
             # SystemExit unwinds through here: closing the run can then fail, and that error must not

@@ -9,7 +9,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from cluster_helpers import SLURM_TEST, TINY, job_env, run, seqdpo_cmd
-from seqdpo.cluster import SLURM_LAUNCHER_TARGET, ClusterError, SlurmPreflight, check_slurm, export_ddp_env
+from seqdpo.cluster import (SLURM_LAUNCHER_TARGET, ClusterError, Node, Request, SlurmPreflight, check_slurm, export_ddp_env,
+                            fit_request, launcher_request, parse_gpus, parse_time_limit)
 
 
 def _path_without(*tools: str) -> str:
@@ -21,7 +22,7 @@ def _path_without(*tools: str) -> str:
 def test_missing_sbatch_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("PATH", _path_without("sbatch"))
     with pytest.raises(ClusterError, match="`sbatch` is not on PATH"):
-        check_slurm("debug", 0)
+        check_slurm("debug")
 
 
 def test_missing_sbatch_stops_the_cli_before_submitting(tmp_path):
@@ -41,7 +42,8 @@ def test_callback_ignores_other_launchers():
 def test_only_slurm_presets_register_the_check():
     from conftest import compose
 
-    for launcher, expected in (("slurm", True), ("slurm_ddp", True), ("local", False), ("local_submitit", False)):
+    for launcher, expected in (("slurm", True), ("slurm_ddp", True), ("slurm_cpu", True), ("local", False),
+                               ("local_submitit", False)):
         cfg = compose([f"hydra/launcher={launcher}"], hydra_cfg=True)
         callbacks = OmegaConf.select(cfg, "hydra.callbacks") or {}
         has = any(c.get("_target_") == "seqdpo.cluster.SlurmPreflight" for c in callbacks.values())
@@ -52,6 +54,39 @@ def test_only_slurm_presets_register_the_check():
     assert (slurm.partition, slurm.gpus_per_node, slurm.max_num_timeout) == ("gpu", 2, 3)
     ddp = compose(["hydra/launcher=slurm_ddp"], hydra_cfg=True).hydra.launcher
     assert ddp.tasks_per_node == ddp.gpus_per_node > 1
+    small = compose(["hydra/launcher=slurm_cpu"], hydra_cfg=True).hydra.launcher
+    assert small._target_ == SLURM_LAUNCHER_TARGET
+    assert launcher_request(small) == Request(cpus_per_task=1, tasks_per_node=1, mem_gb=2, gpus_per_node=0, timeout_min=60)
+
+
+def test_sinfo_fields_are_parsed():
+    assert [parse_gpus(g) for g in ("(null)", "gpu:4", "gpu:a100:4(S:0-1)", "gpu:2,shard:8", "mps:100")] == [0, 4, 4, 2, 0]
+    assert [parse_time_limit(t) for t in ("infinite", "30:00", "12:00:00", "2-00:00:00", "1-12:30:00")] == [
+        None, 30, 720, 2880, 2190]
+
+
+SMALL_NODE = [Node("vm", cpus=2, mem_mb=20489, gpus=0)]
+
+
+def test_a_request_no_node_holds_is_refused_with_both_sets_of_numbers():
+    big = Request(cpus_per_task=8, mem_gb=64, gpus_per_node=0, timeout_min=720)
+    with pytest.raises(ClusterError) as e:
+        fit_request("debug", SMALL_NODE, None, big)
+    msg = str(e.value)
+    assert "8 CPUs" in msg and "65536 MB" in msg  # what each job asks
+    assert "2 CPUs, 20489 MB" in msg  # what the partition has
+    assert "hydra.launcher.cpus_per_task=2 hydra.launcher.mem_gb=20" in msg and "hydra/launcher=slurm_cpu" in msg
+    fit_request("debug", SMALL_NODE, None, Request(cpus_per_task=2, mem_gb=20))  # the suggested override fits
+    with pytest.raises(ClusterError, match="720 min.*time limit 60 min.*hydra.launcher.timeout_min=60"):
+        fit_request("debug", SMALL_NODE, 60, Request(timeout_min=720))
+    with pytest.raises(ClusterError, match="CPUs \\(4 per task x 2 tasks\\).*cpus_per_task=1"):
+        fit_request("debug", SMALL_NODE, None, Request(cpus_per_task=4, tasks_per_node=2))
+    mixed = [Node("cpu1", cpus=64, mem_mb=256000, gpus=0), Node("gpu1", cpus=8, mem_mb=64000, gpus=4)]
+    fit_request("gpu", mixed, None, Request(cpus_per_task=8, mem_gb=32, gpus_per_node=4))
+    with pytest.raises(ClusterError, match="0 fit.*Override: sizes one node holds \\(cpu1: 64 CPUs.*gpu1: 8 CPUs"):
+        fit_request("gpu", mixed, None, Request(cpus_per_task=16, gpus_per_node=1))
+    with pytest.raises(ClusterError, match="1 fit.*Override: hydra.launcher.nodes=1"):
+        fit_request("gpu", mixed, None, Request(cpus_per_task=32, nodes=2))
 
 
 @pytest.mark.slurm
@@ -61,13 +96,13 @@ def test_unreachable_controller_is_a_clear_error(slurm_cluster, tmp_path, monkey
     (tmp_path / "slurm.conf").write_text(conf + "\nSlurmctldPort=6899\n")
     monkeypatch.setenv("SLURM_CONF", str(tmp_path / "slurm.conf"))
     with pytest.raises(ClusterError, match="controller \\(slurmctld\\) is not reachable"):
-        check_slurm("debug", 0, timeout=60)
+        check_slurm("debug", timeout=60)
 
 
 @pytest.mark.slurm
 def test_unknown_partition_is_a_clear_error(slurm_cluster, tmp_path):
     with pytest.raises(ClusterError, match="unknown SLURM partition 'nope'.*Partitions on this cluster: debug"):
-        check_slurm("nope", 0)
+        check_slurm("nope")
     overrides = [o for o in SLURM_TEST if not o.startswith("hydra.launcher.partition=")]
     proc = run(seqdpo_cmd(*overrides, "hydra.launcher.partition=nope", *TINY, f"hydra.sweep.dir={tmp_path / 'sweep'}",
                           multirun=True), cwd=tmp_path, timeout=300)
@@ -78,11 +113,11 @@ def test_unknown_partition_is_a_clear_error(slurm_cluster, tmp_path):
 @pytest.mark.slurm
 def test_gpus_on_a_gpu_less_partition_is_a_clear_error(slurm_cluster):
     # the test cluster's node has no GPU GRES; sbatch would reject the array with a cryptic message
-    with pytest.raises(ClusterError, match="no GPU GRES.*gpus_per_node=0"):
-        check_slurm("debug", 1)
-    assert check_slurm("debug", 0) == "debug"
-    assert check_slurm("debug", 1, check_gpus=False) == "debug"  # the documented escape hatch
-    assert check_slurm(None, 0) == "debug"  # the default partition
+    with pytest.raises(ClusterError, match="0 GPUs.*hydra.launcher.gpus_per_node=0.*check_gpus=false"):
+        check_slurm("debug", Request(gpus_per_node=1))
+    assert check_slurm("debug") == "debug"
+    assert check_slurm("debug", Request(gpus_per_node=1), check_gpus=False) == "debug"  # the documented escape hatch
+    assert check_slurm(None) == "debug"  # the default partition
 
 
 def test_ddp_env_overrides_an_inherited_rank(monkeypatch):
@@ -124,3 +159,20 @@ def test_ddp_env_from_a_two_task_submitit_job(monkeypatch):
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("1", "2", "1")
     assert os.environ["MASTER_ADDR"] and int(os.environ["MASTER_PORT"]) > 0
     assert "CUDA_VISIBLE_DEVICES" not in os.environ or os.environ["CUDA_VISIBLE_DEVICES"] != "1"
+
+
+@pytest.mark.slurm
+def test_a_preset_bigger_than_the_node_is_refused_before_submission(slurm_cluster, tmp_path):
+    """The README's first attempt on the local SLURM: `slurm` (8 CPUs, 64 GB) on the 2-CPU node used to pass the
+    pre-flight and sit in PD (PartitionConfig) in silence; the small-partition preset fits."""
+    sweep = tmp_path / "sweep"
+    proc = run(seqdpo_cmd("hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=0",
+                          *TINY, f"hydra.sweep.dir={sweep}", multirun=True), cwd=tmp_path, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "no node of partition 'debug' can run one job" in proc.stderr, proc.stderr[-3000:]
+    assert "hydra.launcher.cpus_per_task=2" in proc.stderr and "hydra.launcher.mem_gb=" in proc.stderr
+    assert not (sweep / ".submitit").exists()  # nothing was submitted
+    from conftest import compose
+
+    small = compose(["hydra/launcher=slurm_cpu", "hydra.launcher.partition=debug"], hydra_cfg=True).hydra.launcher
+    assert check_slurm("debug", launcher_request(small)) == "debug"

@@ -275,3 +275,14 @@ def test_proportion_cells_near_0_or_1_get_a_wilson_interval():
     lo, hi = boot.interval(("matrix", "accuracy"))[1, 0]
     assert hi == 1.0 and 0.85 < lo < 0.95
     assert np.all(boot.reps[("matrix", "accuracy")][:, 1, 0] == 1.0)  # what the percentile interval would have said
+
+
+def test_an_objective_with_fewer_eval_pairs_than_quartiles():
+    """3 eval pairs (model.max_length=16 on the held-out synthetic eval prompts keeps 3): one quartile is empty
+    and has no statistics; the job used to fail at its end with KeyError 'frac_improved'."""
+    pairs, matrix = _job({"a": [np.zeros(3), np.array([0.5, -0.2, 1.0]), np.array([0.1, 0.3, -0.4])],
+                          "b": [np.zeros(3), np.array([0.2, 0.1, 0.0]), np.array([0.6, 0.2, 0.9])]}, ["base", "a", "b"])
+    iv = I.job_intervals(pairs, matrix, n_boot=50, seed=0, tie_tolerance=TOL)["intervals"]
+    (q,) = [d for d in iv["quartiles"] if d["column"] == "margin"]
+    assert set(q["quartiles"]["all"]) == set(I.QUARTILE_STATS)
+    assert sum(not q["quartiles"].get(k) for k in ("Q1", "Q2", "Q3", "Q4")) == 1  # the empty one

@@ -1,6 +1,7 @@
-"""Hydra multirun of the tiny model: the basic launcher and submitit_local, as a user types it."""
+"""Hydra multirun of the tiny model: the basic launcher and local_submitit, as a user types it."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -68,19 +69,41 @@ def test_multirun_basic_launcher(tmp_path):
             assert counts["computed"] == 0 and counts["cached"] > 0
 
 
-def test_multirun_submitit_local(tmp_path):
-    sweep = _sweep(tmp_path, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=15")
-    _check_jobs(sweep)
+def test_multirun_local_submitit(tmp_path):
+    sweep = _sweep(tmp_path, "hydra/launcher=local_submitit", "hydra.launcher.timeout_min=15")
+    jobs = _check_jobs(sweep)
     assert list((sweep / ".submitit").glob("*/*_result.pkl"))
+    # the four jobs run at once on this machine: each gets its share of the cores as torch threads
+    share = max(1, min(2, len(os.sched_getaffinity(0)) // 4))
+    for job in jobs:
+        assert f"torch threads: {share}" in (job / "seqdpo.log").read_text()
 
 
 def test_a_failed_submitit_sweep_still_ends_with_its_summary(tmp_path):
     """The submitting process re-raises the job's error and prints the summary at exit; it used to die there
-    importing pandas ("can't register atexit after shutdown"), as no job had run in that process."""
+    importing pandas ("can't register atexit after shutdown"), as no job had run in that process. The failed
+    job's line carries where it stopped and its error (a data error used to read "stage None"); a job whose
+    pairs model.max_length cut ends `done` but flagged, and the submitter said how the jobs stood meanwhile."""
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "seqdpo", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
-           "model.max_length=8", "logger=none", *SMALL_JOB, f"hydra.sweep.dir={sweep}"]  # every prompt too long
+    # max_length 8: every prompt too long (a data error before stage 0); 16: every pair truncated
+    cmd = [sys.executable, "-m", "seqdpo", "-m", "hydra/launcher=local_submitit", "hydra.launcher.timeout_min=5",
+           "model.max_length=8,16", "logger=none", *SMALL_JOB, f"hydra.sweep.dir={sweep}"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "can't register atexit" not in out, out[-3000:]
-    assert f"seqdpo sweep {sweep}: 1 job(s): 1 failed" in proc.stdout, out[-3000:]
+    assert f"seqdpo sweep {sweep}: 2 job(s): 1 done, 1 failed; 1 lost more than dataset.warn_fraction" in proc.stdout, out[-3000:]
+    lines = {line.split()[2].split("model.max_length=")[1].split(",")[0]: line
+             for line in proc.stdout.splitlines() if line.startswith(("  done", "  failed"))}
+    error = json.loads(next(sweep.glob("*max_length=8*/status.json")).read_text())["error"]
+    assert lines["8"].split()[0] == "failed"
+    assert lines["8"].endswith(f"(before stage 0: {error.strip().splitlines()[-1].strip()})"), lines["8"]
+    assert "0 pairs left" in lines["8"]
+    assert "job failed before stage 0 (status.json)" in next(sweep.glob("*max_length=8*/seqdpo.log")).read_text()
+    assert lines["16"].split()[0] == "done" and "pairs lost to model.max_length: " in lines["16"], lines["16"]
+    assert "/train 100% (32 of 32)" in lines["16"], lines["16"]
+    assert "2 jobs: 2 running" in proc.stderr and "2 jobs: 2 ended" in proc.stderr, proc.stderr[-3000:]
+    from seqdpo.report.build import build_report
+
+    build_report(sweep, tmp_path / "report")
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "Jobs that lost pairs to model.max_length" in summary and "polite/train 100% (32 of 32)" in summary

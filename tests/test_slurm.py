@@ -62,3 +62,37 @@ def test_two_job_multirun_on_slurm(slurm_cluster, tmp_path):
     # submitit's own per-task logs sit in the sweep's .submitit folder
     assert (sweep / ".submitit" / f"{array_id}_0" / f"{array_id}_0_0_log.out").exists()
 
+
+
+@pytest.mark.timeout(900)
+def test_a_cancelled_job_ends_the_sweep_in_a_few_lines(slurm_cluster, tmp_path):
+    """`scancel` of a running sweep job: the submitter said how the jobs stood while they waited, and reports
+    the cancelled job in one paragraph (submitit's error used to carry the job's whole error stream, 268
+    lines) and as `lost` for as long as it ran (it read `lost 0:00:00` for a job that ran ~8 s: the duration
+    ended at the first 30-s heartbeat)."""
+    import subprocess
+
+    from cluster_helpers import PY, job_env
+
+    sweep = tmp_path / "sweep"
+    cmd = seqdpo_cmd("hydra/launcher=slurm_cpu", "hydra.launcher.partition=debug", "hydra.launcher.timeout_min=15",
+                     *TINY, "train.max_steps=400", "logger=none", f"hydra.sweep.dir={sweep}", multirun=True)
+    assert cmd[0] == PY
+    with open(tmp_path / "submitter.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=job_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            job_dir = wait_for(lambda: next(sweep.glob("*/stage_1"), None), timeout=600, interval=1,
+                               what="the job to reach stage 1").parent
+            array = next((sweep / ".submitit").iterdir()).name.split("_")[0]
+            subprocess.run(["scancel", array], check=True)
+            proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    out = (tmp_path / "submitter.log").read_text()
+    assert proc.returncode != 0, out[-3000:]
+    assert "1 job: 1 running" in out and "1 job: 1 ended" in out, out[-3000:]
+    assert "ended without a result (state: CANCELLED" in out, out[-3000:]
+    assert len(out.splitlines()) < 60, out  # was hundreds: the job's whole error stream
+    line = next(x for x in out.splitlines() if x.startswith("  lost"))
+    assert line.split()[1] != "0:00:00" and job_dir.name in line, line

@@ -154,7 +154,8 @@ def _statistics(boot: Bootstrap, data: dict, draws: dict[str, np.ndarray], decom
                                 d["threshold"], tie_tolerance)
         for q, summary in res.items():
             for s in QUARTILE_STATS:
-                out[("quartiles", d["objective"], d["column"], d["from_stage"], d["to_stage"], q, s)] = summary[s]
+                if s in summary:  # an objective with fewer than 4 eval pairs has empty quartiles ({"n": 0})
+                    out[("quartiles", d["objective"], d["column"], d["from_stage"], d["to_stage"], q, s)] = summary[s]
     for (obj, t), b in boot.baselines.items():
         ids, values, _ = data[obj]
         for col in VERDICT_COLUMNS:
@@ -164,7 +165,8 @@ def _statistics(boot: Bootstrap, data: dict, draws: dict[str, np.ndarray], decom
             by_start, by_end = (_quartile_changes(values["margin"][at], ids, values[col][b], values[col][t], draws[obj], 0.0,
                                                   tie_tolerance) for at in (b, t))
             for q, summary in by_start.items():
-                out[("change", obj, t, col, q)] = summary["delta_mean"]
+                if "delta_mean" in summary:  # not for an empty quartile
+                    out[("change", obj, t, col, q)] = summary["delta_mean"]
             if len(ids) >= len(P.QUARTILES):
                 for e, value in _redistribution_evidence(by_start, by_end).items():
                     out[("redistribution", obj, t, col, e)] = value

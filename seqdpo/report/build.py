@@ -39,6 +39,7 @@ from seqdpo.report.tables import (
     verdicts_side_by_side,
     verdicts_table,
 )
+from seqdpo.sweep_end import over_warn_fraction
 
 
 def build_report(root: Path, out: Path, html_too: bool = False) -> dict[str, Any]:
@@ -95,6 +96,12 @@ def build_report(root: Path, out: Path, html_too: bool = False) -> dict[str, Any
                                  "problems": "; ".join(j.problems)} for j in not_done]))
     doc.h(2, "All jobs")
     doc.table(jobs_df[["job", *FACTORS, "status"]] if len(jobs_df) else jobs_df)
+    losses = {j.rel: over_warn_fraction((j.matrix or {}).get("pairs"), j.config) for j in jobs}
+    if any(losses.values()):
+        doc.h(2, "Jobs that lost pairs to model.max_length")
+        doc.p("More than the job's dataset.warn_fraction of a split's pairs dropped or truncated: its numbers describe "
+              "cut pairs (raise model.max_length).")
+        doc.table(pd.DataFrame([{"job": rel, "splits": ", ".join(v)} for rel, v in losses.items() if v]))
     _pairs_section(doc, tables["pairs"])
 
     seed_frames = []
