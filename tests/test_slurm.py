@@ -83,7 +83,8 @@ def test_a_cancelled_job_ends_the_sweep_in_a_few_lines(slurm_cluster, tmp_path):
         try:
             job_dir = wait_for(lambda: next(sweep.glob("*/stage_1"), None), timeout=600, interval=1,
                                what="the job to reach stage 1").parent
-            array = next((sweep / ".submitit").iterdir()).name.split("_")[0]
+            # submitit's folder also holds its submission files (.submission_file_*.sh): take a task folder, <array>_<index>
+            array = next(p.name.split("_")[0] for p in (sweep / ".submitit").iterdir() if p.name[:1].isdigit())
             subprocess.run(["scancel", array], check=True)
             proc.wait(timeout=300)
         finally:
