@@ -136,6 +136,7 @@ def test_trained_rm_ranks_held_out_pairs_like_the_oracle(warm_base, warm_cache):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # the study's jobs on three seeds, with generation after every stage
 def test_a_polite_stage_raises_the_polite_share_and_the_conflicting_stage_lowers_it(tmp_path_factory, warm_cache):
     """The done criterion of the behaviour study (conf/experiment/behaviour.yaml), on seeds 0-2."""
     from seqdpo.runner import run_job

@@ -20,7 +20,7 @@ from cluster_helpers import (
     SLURM_TEST, assert_same_pairs, explain, job_env, offline_run_ids, run, seqdpo_cmd, wait_for,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # a reference job, then a killed and a requeued one
 
 # Long enough stages (400 steps of 2 pairs, ~10-20 s) to be interrupted midway; a checkpoint every 5 steps.
 LONG = [
