@@ -56,3 +56,15 @@ def run_config(overrides=()):
 @pytest.fixture
 def small_job_overrides(tmp_path):
     return [*SMALL_JOB, f"ref_cache_dir={tmp_path / 'refcache'}"]
+
+
+# Every test has a time limit (pytest-timeout; the default, 600 s, is in pyproject.toml). An end-to-end test
+# (`slow`) gets more, since CI on a loaded machine runs two to three times slower than a quiet one;
+# the studies that run many jobs set their own, longer @pytest.mark.timeout. docs/testing.md lists them.
+SLOW_TIMEOUT_S = 1200
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))

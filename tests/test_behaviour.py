@@ -245,6 +245,7 @@ def test_trained_rm_job_records_its_accuracy_on_every_objective(tmp_path, warm_c
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # the study's jobs on three seeds, with generation after every stage
 def test_a_polite_stage_raises_the_polite_share_and_the_conflicting_stage_lowers_it(tmp_path_factory, warm_cache):
     """The done criterion of the behaviour study (conf/experiment/behaviour.yaml), on seeds 0-2."""
     from seqdpo.runner import run_job

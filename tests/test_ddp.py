@@ -12,7 +12,7 @@ import pytest
 
 from cluster_helpers import PY, SLURM_TEST, TINY, explain, offline_run_ids, run, seqdpo_cmd
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # a 2-rank job or SLURM job, allowed 900 s
 
 N_EVAL, N_TRAIN, BATCH, STEPS = 8, 16, 4, 4
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import run_config
 from seqdpo.runner import run_job
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # the module fixture runs nine jobs
 
 RELATIONS = ("conflicting", "orthogonal", "compatible")
 # Stage 1 is short (4 steps at the synthetic study's lr): what matters is the model at stage 2's start.

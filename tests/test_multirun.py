@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO, SMALL_JOB
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # four-job sweeps, each allowed 900 s
 
 
 def _sweep(tmp_path, *extra, logger="none"):

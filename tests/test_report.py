@@ -184,6 +184,7 @@ def test_report_cli_empty_and_broken_jobs(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # a real sweep, allowed 1500 s, then the report
 def test_report_on_real_tiny_multirun(tmp_path):
     if not Path(__file__).parent.parent.joinpath("seqdpo", "runner.py").exists():
         pytest.skip("runner not available")

@@ -10,6 +10,7 @@ the same W&B run.
 """
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -20,7 +21,7 @@ from cluster_helpers import (
     SLURM_TEST, assert_same_pairs, explain, job_env, offline_run_ids, run, seqdpo_cmd, wait_for,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # a reference job, then a killed and a requeued one
 
 # Long enough stages (400 steps of 2 pairs, ~10-20 s) to be interrupted midway; a checkpoint every 5 steps.
 LONG = [
@@ -100,7 +101,10 @@ def test_killed_job_resumes(reference_run, tmp_path):
 
 @pytest.mark.slurm
 def test_slurm_preemption_requeue(slurm_cluster, reference_run, tmp_path):
-    name = f"seqdpo-requeue-{tmp_path.name}"
+    # Unique on the machine: the job is found (squeue -n) and signalled by name, and another pytest session
+    # running this test at the same time has the same tmp_path name (stress check, 2026-12-03: a job
+    # requeued twice, once by the other session's signals).
+    name = f"seqdpo-requeue-{os.getpid()}"
     # Default sweep dir (outputs/multirun/${now:...}): the requeued job must land in the same one.
     cmd = seqdpo_cmd(*SLURM_TEST, "hydra.launcher.max_num_timeout=2", f"hydra.launcher.name={name}",
                      *LONG, "logger=wandb", multirun=True)

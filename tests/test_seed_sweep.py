@@ -13,7 +13,7 @@ import yaml
 from conftest import REPO, SMALL_JOB
 from seqdpo import report
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # a six-job sweep, allowed 900 s, then the report
 
 
 def test_two_orders_three_seeds_report(tmp_path):

@@ -10,7 +10,7 @@ import yaml
 
 from cluster_helpers import SLURM_TEST, TINY, explain, run, sacct_states, seqdpo_cmd, wait_for
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(1800)]  # sweeps wait up to 900 s for SLURM
 
 PAIR_COLUMNS = {"stage", "stage_objective", "objective", "pair_id", "policy_chosen_logps", "policy_rejected_logps",
                 "ref_chosen_logps", "ref_rejected_logps", "chosen_len", "rejected_len", "reward_chosen",

@@ -28,7 +28,7 @@ import pytest
 
 from cluster_helpers import TINY, explain, job_env, run, seqdpo_cmd, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # the module fixture runs six jobs and stops
 
 STAGES = [
     "dataset.n_train=16",

@@ -546,6 +546,7 @@ STUDY = ["experiment=mitigations", "dataset.options.relation=conflicting", "data
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # three jobs of 128 pairs
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_replay_and_joint_keep_more_of_a_than_sequential(seed, tmp_path):
     """Conflicting world at strength 0.5 (both objectives can be satisfied together): B's stage erodes A

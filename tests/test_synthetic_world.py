@@ -204,6 +204,7 @@ def _at(pairs, stage, objective):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # five jobs
 @pytest.mark.parametrize("seed", SEEDS)
 def test_relations_and_losses_show_the_papers_directions(tmp_path, seed):
     s = f"seed={seed}"
