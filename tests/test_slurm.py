@@ -4,6 +4,7 @@ submitting process returns once they are done. They run `strategy=replay`: a str
 same entry point under every launcher, with nothing launcher-specific."""
 
 import json
+import re
 
 import pytest
 import yaml
@@ -64,7 +65,7 @@ def test_two_job_multirun_on_slurm(slurm_cluster, tmp_path):
 
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)
 def test_a_cancelled_job_ends_the_sweep_in_a_few_lines(slurm_cluster, tmp_path):
     """`scancel` of a running sweep job: the submitter said how the jobs stood while they waited, and reports
     the cancelled job in one paragraph (submitit's error used to carry the job's whole error stream, 268
@@ -92,7 +93,8 @@ def test_a_cancelled_job_ends_the_sweep_in_a_few_lines(slurm_cluster, tmp_path):
                 proc.kill()
     out = (tmp_path / "submitter.log").read_text()
     assert proc.returncode != 0, out[-3000:]
-    assert "1 job: 1 running" in out and "1 job: 1 ended" in out, out[-3000:]
+    # squeue is polled every 10 s, so a short wait may be seen as pending only, or as running only
+    assert re.search(r"1 job: 1 (pending|running)", out) and "1 job: 1 ended" in out, out[-3000:]
     assert "ended without a result (state: CANCELLED" in out, out[-3000:]
     assert len(out.splitlines()) < 60, out  # was hundreds: the job's whole error stream
     line = next(x for x in out.splitlines() if x.startswith("  lost"))
