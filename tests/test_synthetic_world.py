@@ -120,16 +120,27 @@ def test_eval_prompts_are_held_out_from_every_objective_s_training_prompts():
 
 
 def test_eval_prompt_words_are_single_tokens_and_carry_no_attribute():
+    from seqdpo.behaviour.warmstart import WARM_START_TEMPLATES
     from seqdpo.modeling import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer(1024)
     attribute_words = {*S.UNSEEN} | {w for d in (S.ATTRIBUTE_WORDS, S.PLAIN_WORDS) for ws in d.values() for w in ws}
-    for template in [S.TRAIN_TEMPLATE, *S.EVAL_TEMPLATES]:
+    for template in [S.TRAIN_TEMPLATE, *S.EVAL_TEMPLATES, *WARM_START_TEMPLATES]:
         words = template.format(topic="tea").split()
         # as in the training prompt: the first word has no leading space, punctuation is its own word
         pieces = [tok.tokenize(w if i == 0 else " " + w) for i, w in enumerate(words)]
         assert [w for w, p in zip(words, pieces) if len(p) != (2 if w in ".?" else 1)] == [], template
         assert not set(words) & attribute_words, template
+
+
+def test_warm_start_prompts_are_disjoint_from_the_held_out_eval_prompts():
+    from seqdpo.behaviour.warmstart import WARM_START_TEMPLATES, warm_start_examples
+
+    # the warm start teaches the format on varied prompts, never on the held-out ones
+    assert set(WARM_START_TEMPLATES).isdisjoint(S.EVAL_TEMPLATES)
+    warm = {p[0]["content"] for p, _ in warm_start_examples(512)}
+    held_out = {t.format(topic=topic) for t in S.EVAL_TEMPLATES for topic in S.TOPICS}
+    assert warm.isdisjoint(held_out) and len(warm) > len(S.TOPICS)
 
 
 def test_dataset_n_train_and_n_eval_set_the_generated_pairs():

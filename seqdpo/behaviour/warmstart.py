@@ -1,9 +1,9 @@
 """SFT warm start of the embedded tiny model on responses of the synthetic world's format.
 
 The tiny model starts from random weights, so what it samples is noise and no scorer can read an
-attribute from it. A short supervised pass on `tell me about <topic> .` -> `<topic> : w1 ... wn .`
-responses, each attribute present in half of them independently, gives a base model that generates
-well-formed responses carrying about half of each attribute: DPO stages then have rates to move.
+attribute from it. A short supervised pass on prompts naming a topic (the training template and
+`WARM_START_TEMPLATES`) -> `<topic> : w1 ... wn .` responses, each attribute present in half of
+them independently, gives a base model that generates well-formed responses carrying about half of each attribute: DPO stages then have rates to move.
 
 The pass is deterministic (its own seeds) and runs once: the weights are cached under
 `<cache_dir>/warmstart-<key>.safetensors`, keyed like the reference cache on the model fingerprint
@@ -24,7 +24,23 @@ import torch
 
 log = logging.getLogger("seqdpo")
 
-FORMAT_VERSION = 1  # bump when the data or the training loop changes
+FORMAT_VERSION = 2  # bump when the data or the training loop changes
+# Prompts of the warm start besides the training template: trained on that template alone, the base opened
+# with `<topic> :` on 12.5% of the held-out eval prompts. These are a third set, disjoint from
+# `EVAL_TEMPLATES` (held-out prompts must stay unseen), of words that are single tokens of the tiny tokenizer
+# and no marker, plain or unseen word, so the base learns the format on any prompt that names a topic.
+WARM_START_TEMPLATES = [
+    "tell me of {topic} .",
+    "is {topic} a simple thing ?",
+    "tell me a short thing about {topic} .",
+    "tell me about {topic} for people .",
+    "is {topic} a thing at home ?",
+    "tell me about the {topic} that people know .",
+    "is {topic} a thing for people ?",
+    "tell me of the {topic} at home .",
+    "is the {topic} a short thing ?",
+    "tell me a thing that people know about {topic} .",
+]
 BATCH_SIZE = 32
 SEED = 0
 
@@ -40,7 +56,8 @@ def warm_start_examples(n: int, seed: int = SEED) -> list[tuple[list[dict], list
         topic = rng.choice(S.TOPICS)
         attrs = {a: int(rng.random() < 0.5) for a in S.ATTRIBUTE_OBJECTIVES}
         text = S.response(rng, topic, rng.randint(*S.FILLER_WORDS), attrs, opts["markers"], opts["slot"])
-        out.append(([{"role": "user", "content": S.TRAIN_TEMPLATE.format(topic=topic)}], [{"role": "assistant", "content": text}]))
+        template = rng.choice([S.TRAIN_TEMPLATE, *WARM_START_TEMPLATES])
+        out.append(([{"role": "user", "content": template.format(topic=topic)}], [{"role": "assistant", "content": text}]))
     return out
 
 
