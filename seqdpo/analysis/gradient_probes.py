@@ -36,7 +36,6 @@ probe's cost by the block size; K = 8 blocks of 8 pairs is the default.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from typing import Any, Callable
@@ -137,9 +136,8 @@ class ProbeGram:
         return sorted((g[len(prefix) + 1 :] for g in self.gram if g.startswith(prefix + ":")), key=G.group_sort_key)
 
 
-@functools.lru_cache(maxsize=None)
 def _t975(df: int) -> float:
-    return t_quantile(0.975, df)  # numerical integration: once per block count
+    return t_quantile(0.975, df)
 
 
 def _cos(g: np.ndarray, u: np.ndarray, v: np.ndarray) -> float:

@@ -19,16 +19,14 @@ gives t-intervals (`seqdpo.analysis.intervals.seed_interval`).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pandas as pd
 
+from seqdpo.analysis import seed_inference as S
 from seqdpo.behaviour.guards import GUARDS
 
 SCORE_METRICS = ("score_mean", "score_delta", "win_rate")
 METRICS = (*SCORE_METRICS, "length", *GUARDS)
-Z95 = 1.959963984540054
 
 
 def bootstrap_interval(values: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
@@ -40,14 +38,9 @@ def bootstrap_interval(values: np.ndarray, n_boot: int, seed: int) -> tuple[floa
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def wilson_interval(wins: float, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval of a proportion of `wins` in `n` (wins may hold halves, for ties)."""
-    if n == 0:
-        return float("nan"), float("nan")
-    p, z2 = wins / n, z * z
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+def wilson_interval(wins: float, n: int) -> tuple[float, float]:
+    """Wilson score interval of a proportion of `wins` in `n` (wins may hold halves, for ties); NaN for no prompts."""
+    return (float("nan"), float("nan")) if n == 0 else tuple(S.wilson(wins, n))
 
 
 def per_prompt(scored: pd.DataFrame) -> pd.DataFrame:
