@@ -23,12 +23,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from seqdpo.cluster import export_ddp_env
 from seqdpo.config import ConfigError, RunConfig, signature
 from seqdpo.data import DataError
 from seqdpo.diskfull import disk_full, disk_full_message
 from seqdpo.distributed import is_main_process
 from seqdpo.job.directory import OutputDirTaken, check_output_dir, claim_output_dir
 from seqdpo.job.lock import OutputDirBusy, job_lock
+from seqdpo.job.log import config_summary, log_result, quiet_libraries
 
 log = logging.getLogger("seqdpo")
 
@@ -87,8 +89,6 @@ def main(cfg: DictConfig) -> dict:
         group = None
         if hc.mode == RunMode.MULTIRUN:
             group = os.path.basename(os.path.normpath(hc.sweep.dir))
-        from seqdpo.cluster import export_ddp_env
-        from seqdpo.job.log import config_summary, log_result, quiet_libraries
         from seqdpo.runner import run_job  # heavy imports (torch, trl) only once the config is valid
 
         export_ddp_env()  # SLURM job with tasks_per_node > 1: one DDP rank per task (conf/hydra/launcher/slurm_ddp.yaml)

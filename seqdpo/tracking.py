@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 
 from seqdpo.config import RunConfig
 from seqdpo.filemodes import follow_umask
-from seqdpo.wandb_keys import flat_config
+from seqdpo.wandb_keys import flat_config, interval_summary, matrix_summary
 
 log = logging.getLogger("seqdpo")
 RUN_ID_FILE = "wandb_run_id.txt"
@@ -108,8 +108,6 @@ class Tracker:
     def log_matrix(self, matrix: dict) -> None:
         """Each metric of the stage x objective matrix as summary keys (with intervals and verdicts when
         matrix.json has them) and as one W&B table."""
-        from seqdpo.wandb_keys import interval_summary, matrix_summary
-
         rows = [
             [metric, k, stage, obj, v]
             for metric, values in matrix["metrics"].items()

@@ -17,6 +17,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from seqdpo.behaviour.scorers import base_response_logps
+from seqdpo.data.synthetic import well_formed
+
 GUARDS = ("nll_base", "distinct_1", "distinct_2", "well_formed")
 KEYS = ["objective", "prompt_id", "sample"]
 
@@ -29,8 +32,6 @@ def distinct_n(text: str, n: int) -> float:
 
 def guard_table(ctx, gens: pd.DataFrame, prompts: dict) -> pd.DataFrame:
     """The guards of every generation of `gens` (a stage's table); `prompts`: objective -> {prompt_id: messages}."""
-    from seqdpo.behaviour.scorers import base_response_logps
-
     frames = []
     for objective, g in gens.groupby("objective", sort=False):
         texts = list(g.text)
@@ -42,8 +43,6 @@ def guard_table(ctx, gens: pd.DataFrame, prompts: dict) -> pd.DataFrame:
         columns = {"nll_base": nll, "distinct_1": [distinct_n(t, 1) for t in texts],
                    "distinct_2": [distinct_n(t, 2) for t in texts]}
         if ctx.cfg.dataset.name == "synthetic":
-            from seqdpo.data.synthetic import well_formed
-
             columns["well_formed"] = [float(well_formed(t)) for t in texts]
         frames.append(g[KEYS].assign(**columns))
     return pd.concat(frames, ignore_index=True)

@@ -32,6 +32,10 @@ from typing import Callable
 
 import numpy as np
 
+from seqdpo.data import synthetic as S
+from seqdpo.logprobs import dataset_logps, tokenize_pairs
+from seqdpo.refcache import reference_logps, row_digests
+
 log = logging.getLogger("seqdpo")
 
 
@@ -61,8 +65,6 @@ def oracle_score(objective: str, text: str, slot: int = 8) -> float:
     the attribute, 1/8 with one marker in a slot of 8); fewer slot words than `slot` (plain words dropped)
     do not raise it, more (a lengthened response, where a marker turns up by chance) lower it. concise /
     detailed: minus / plus the word count."""
-    from seqdpo.data import synthetic as S
-
     if not S.well_formed(text):
         return float("nan")
     words = text.split()
@@ -77,8 +79,6 @@ class OracleScorer:
     ORACLE_OBJECTIVES = ("polite", "factual", "concise", "detailed")
 
     def __init__(self, ctx: ScoringContext | None = None):
-        from seqdpo.data import synthetic as S
-
         options = dict(ctx.cfg.dataset.options) if ctx is not None else {}
         self.slot = S.parse_options(options)["slot"]
 
@@ -106,9 +106,6 @@ def base_response_logps(ctx: ScoringContext, objective: str, prompts, texts, bat
     """(tokenized responses, the base model's `dataset_logps` of them: chosen_logps and chosen_len are the
     responses'), through the reference cache. A response that `model.max_length` cuts to nothing of its
     own is dropped (its row's `pair_id` is `r<index in texts>`)."""
-    from seqdpo.logprobs import tokenize_pairs
-    from seqdpo.refcache import reference_logps
-
     max_length = ctx.cfg.model.max_length
     ds = tokenize_pairs(_response_pairs(prompts, texts), ctx.tokenizer, max_length)
     ref = reference_logps(ctx.model, ds, fingerprint=ctx.fingerprint, cache_dir=ctx.cache_dir, batch_size=batch_size,
@@ -124,8 +121,6 @@ class ImplicitScorer:
         return True
 
     def score(self, objective, prompts, texts) -> np.ndarray:
-        from seqdpo.logprobs import dataset_logps
-
         bs = self.ctx.cfg.scorer.batch_size
         ds, ref = base_response_logps(self.ctx, objective, prompts, texts, bs)
         if len(ds) != len(texts):
@@ -201,9 +196,6 @@ RM_FORMAT_VERSION = 1
 
 def trained_rm_key(ctx: ScoringContext, objective: str) -> str:
     """(base architecture, training pairs, settings): every job of a sweep on the same data shares it."""
-    from seqdpo.refcache import row_digests
-    from seqdpo.logprobs import tokenize_pairs
-
     s = ctx.cfg.scorer
     train = ctx.objectives[objective].train
     digests = row_digests(tokenize_pairs(train, ctx.tokenizer, s.max_length)) if s.base_model is None else None

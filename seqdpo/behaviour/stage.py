@@ -26,6 +26,7 @@ from seqdpo.behaviour.guards import KEYS, guard_table
 from seqdpo.behaviour.metrics import METRICS, stage_metrics
 from seqdpo.behaviour.prompts import generation_prompts
 from seqdpo.behaviour.scorers import SCORERS, ScoringContext, make_scorer
+from seqdpo.refcache import DEFAULT_CACHE_DIR
 
 log = logging.getLogger("seqdpo")
 SAMPLES_PER_CELL = 3  # sample generations per stage and objective in the report and W&B
@@ -33,8 +34,6 @@ SAMPLES_PER_CELL = 3  # sample generations per stage and objective in the report
 
 class BehaviourEval:
     def __init__(self, cfg, out: Path, tok, objectives: dict, model, fingerprint: str, tracker=None):
-        from seqdpo.refcache import DEFAULT_CACHE_DIR
-
         self.cfg, self.out, self.tok, self.model, self.tracker = cfg, Path(out), tok, model, tracker
         self.settings = cfg.eval.generation
         self.seed = cfg.seed if self.settings.seed is None else self.settings.seed

@@ -9,9 +9,11 @@ from typing import Any
 
 import pandas as pd
 
+from seqdpo.analysis.diagnostics import job_analysis
+from seqdpo.analysis.intervals import bootstrap, dropped_message
 from seqdpo.evaluation import summarize
 from seqdpo.job.status import lost_reason, observed_state
-from seqdpo.strategies import label as strategy_label
+from seqdpo.strategies import label as strategy_label, row_names
 
 # data_options: the dataset's builder options (e.g. the synthetic world's relation), so jobs that differ
 # only there land in separate groups instead of overwriting each other in one table.
@@ -64,8 +66,6 @@ def _read_yaml(path: Path) -> dict:
 def stage_names(config: dict) -> list[str]:
     """["base", row of stage 1, ...] from a config dict: order letters resolved as config.stage_objectives,
     then the rows the strategy makes of them (seqdpo.strategies.row_names)."""
-    from seqdpo.strategies import row_names
-
     objs = list((config.get("dataset") or {}).get("objectives") or [])
     names = ["base"]
     for entry in (config.get("order") or {}).get("stages") or []:
@@ -166,8 +166,6 @@ def load_job(job_dir: Path, root: Path) -> Job:
         except (ValueError, OSError) as e:
             job.problems.append(f"{p.name}: {e}")
     if job.matrix is not None and job.pairs is not None:
-        from seqdpo.analysis.diagnostics import job_analysis
-
         diag = config.get("diagnostics") or {}
         try:
             job.analysis = job_analysis(
@@ -187,8 +185,6 @@ def job_bootstrap(job: Job, seed: int | None = None):
     """The job's paired bootstrap, as the runner made matrix.json's intervals (same replicates: the run's
     seed) unless `seed` is given; recomputed here for unfinished jobs, jobs that predate intervals, and
     the pooling of seeds."""
-    from seqdpo.analysis.intervals import bootstrap, dropped_message
-
     cfg = job.config
     n_boot = int((cfg.get("eval") or {}).get("bootstrap", 1000))
     if not n_boot:

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from seqdpo.config import STRATEGY_KEYS, RunConfig
+from seqdpo.strategies.contradictions import contradictory_pairs
+from seqdpo.strategies.merge import merge_weights
 from seqdpo.strategies.stage_plan import StagePlan, optimizer_steps
-
-__all__ = ["StagePlan", "label", "optimizer_steps", "plan_stages", "row_names", "summary"]
 
 if TYPE_CHECKING:  # the report imports this module for its names; datasets is heavy
     from datasets import Dataset
@@ -65,9 +65,7 @@ def _pairs(objective: str, ds: Dataset) -> pd.DataFrame:
 
 def plan_stages(cfg: RunConfig, stage_objs: list[str], stage_sets: list[Dataset], out: Path, *, write: bool) -> list[StagePlan]:
     """The stages a job runs (module docstring). `write`: this process records replay draws (DDP rank 0)."""
-    from datasets import concatenate_datasets
-
-    from seqdpo.strategies.contradictions import contradictory_pairs
+    from datasets import concatenate_datasets  # here: the report imports this package for its names
 
     s = cfg.strategy
     own = [_pairs(o, ds) for o, ds in zip(stage_objs, stage_sets)]
@@ -88,7 +86,7 @@ def plan_stages(cfg: RunConfig, stage_objs: list[str], stage_sets: list[Dataset]
                         info["contradictory_pairs"], len(union))
         return [StagePlan(JOINT, union, pairs, max_steps=steps, info=info)]
     if s.name == "replay":
-        from seqdpo.strategies.replay import replay_stages
+        from seqdpo.strategies.replay import replay_stages  # imports datasets: see concatenate_datasets above
 
         return replay_stages(cfg, stage_objs, stage_sets, own, out, write=write)
     plans = [StagePlan(o, ds, p) for o, ds, p in zip(stage_objs, stage_sets, own)]
@@ -99,8 +97,6 @@ def plan_stages(cfg: RunConfig, stage_objs: list[str], stage_sets: list[Dataset]
     if s.name == "merge":
         for p in plans[1:]:
             p.fresh = True
-        from seqdpo.strategies.merge import merge_weights
-
         info = {"method": s.method, "weights": merge_weights(s, len(plans)), **({"density": s.density} if s.method != "linear" else {})}
         plans.append(StagePlan(MERGED, None, merge=tuple(range(1, len(plans) + 1)), info=info))
     return plans

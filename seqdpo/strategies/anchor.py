@@ -35,6 +35,8 @@ import numpy as np
 import torch
 
 from seqdpo.config import RunConfig
+from seqdpo.filemodes import follow_umask
+from seqdpo.refcache import with_reference_columns
 
 log = logging.getLogger("seqdpo")
 FISHER_FILE = "anchor_fisher.safetensors"
@@ -92,15 +94,11 @@ def _fisher_of_previous(cfg: RunConfig, trainer, rows, job_dir: Path, k: int, ma
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from seqdpo.filemodes import follow_umask
-
     path = job_dir / f"stage_{k}" / FISHER_FILE
     if path.exists():
         with safe_open(str(path), "pt") as f:
             return {n: f.get_tensor(n) for n in f.keys()}, float(f.metadata()["mean"])
     if "ref_chosen_logps" not in rows.column_names:  # reference=previous: what stage k-1 trained with
-        from seqdpo.refcache import with_reference_columns
-
         rows = with_reference_columns(rows, dict(np.load(job_dir / f"stage_{k - 1}" / "train_reference.npz")))
     fisher, mean = diagonal_fisher(trainer, rows, cfg.strategy.fisher_pairs, seed=cfg.seed)
     if main_process:
