@@ -1,6 +1,6 @@
 """The checks of a RunConfig that need more than types: registries, enumerations, cross-field rules.
 
-`validate()` runs once, in seqdpo.app, before a job loads anything heavy; every error is a
+`validate()` runs once, in seqdpo.app, before the job loads its data and model; every error is a
 `ConfigError` naming the key. The key helpers (`key_hint`, `is_schema_key`) serve the app's answer
 to an override Hydra refused.
 """
