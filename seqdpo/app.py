@@ -89,6 +89,7 @@ def main(cfg: DictConfig) -> dict:
         group = None
         if hc.mode == RunMode.MULTIRUN:
             group = os.path.basename(os.path.normpath(hc.sweep.dir))
+        quiet_libraries()  # first: TRL, which the runner imports, prints a line when it loads W&B's integration
         from seqdpo.runner import run_job  # heavy imports (torch, trl) only once the config is valid
 
         export_ddp_env()  # SLURM job with tasks_per_node > 1: one DDP rank per task (conf/hydra/launcher/slurm_ddp.yaml)
@@ -101,7 +102,6 @@ def main(cfg: DictConfig) -> dict:
                 claim_output_dir(out, run_cfg, signature(run_cfg))
                 lock.record_holder()
                 _save_hydra_files(out / ".hydra", cfg, hc)
-            quiet_libraries()
             log.info("%s", config_summary(run_cfg, signature(run_cfg), str(out)))
             import torch  # already loaded by seqdpo.runner
 
