@@ -27,7 +27,7 @@ from seqdpo.jobdir import check_output_dir, claim_output_dir, clear_job_results
 from seqdpo.joblock import job_lock
 from seqdpo.reference_source import ReferenceSource
 from seqdpo.stage_loop import StageContext, StageLoop, StageTraining
-from seqdpo.stage_settings import StageSettings
+from seqdpo.job_settings import scoring_settings, stage_settings
 
 log = logging.getLogger("seqdpo")
 
@@ -99,12 +99,6 @@ def _run_job(cfg: RunConfig, out: Path, group: str | None) -> dict:
     status.set("done", stage=len(matrix["stages"]) - 1)
     status.release_space()
     return matrix
-
-
-def stage_settings(cfg: RunConfig) -> list[StageSettings]:
-    """What each entry of order.stages trains with: the job's values, the same for every stage."""
-    job = StageSettings(lr=cfg.lr, beta=cfg.beta, loss=cfg.loss, train=cfg.train, strategy=cfg.strategy, seed=cfg.seed)
-    return [job] * len(C.stage_objectives(cfg))
 
 
 def _run_stages(cfg: RunConfig, out: Path, tracker, status) -> dict:
@@ -250,9 +244,14 @@ def _behaviour_eval(cfg: RunConfig, out: Path, tok, objectives, prepared, peft_m
     from dataclasses import replace
 
     from seqdpo.behaviour.generate import reset_base_generation_counts
+    from seqdpo.behaviour.scorers import ScoringContext
     from seqdpo.behaviour.stage import BehaviourEval
+    from seqdpo.refcache import DEFAULT_CACHE_DIR
 
     reset_base_generation_counts()
     # the job's pairs, not the builder's whole splits: what the policy trained on and what it is scored on
     job = {n: replace(obj, train=prepared.train[n], eval=prepared.eval[n]) for n, obj in objectives.items()}
-    return BehaviourEval(cfg, out, tok, job, peft_model, fingerprint, tracker)
+    scoring = ScoringContext(scoring_settings(cfg), tok, peft_model, fingerprint, job, cfg.ref_cache_dir or DEFAULT_CACHE_DIR)
+    # strategy=merge's merged adapter holds every stage's rank (seqdpo/strategies/merge.py)
+    rank = cfg.lora.r * (len(cfg.order.stages) if cfg.strategy.name == "merge" else 1)
+    return BehaviourEval(scoring, cfg.eval.generation, out, bootstrap=cfg.eval.bootstrap, adapter_rank=rank, tracker=tracker)

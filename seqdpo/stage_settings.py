@@ -4,7 +4,7 @@ The job gives every stage its own `StageSettings` (one per entry of `order.stage
 that trains a stage reads them from there, never from the job's config: the Trainer's arguments
 (`seqdpo.trainer.make_dpo_config`), the loss, the anchor penalty, the steps a strategy plans. Today
 every stage carries the job's values; a job whose stages differ (issue 23) changes only where the
-list is built (`seqdpo.stage_loop.stage_settings`).
+list is built (`seqdpo.job_settings.stage_settings`).
 """
 
 from __future__ import annotations
