@@ -7,6 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from seqdpo.logprobs import dataset_logps
+from seqdpo.refcache import ref_forward_counts, reference_logps, with_reference_columns
+
 
 class ReferenceSource:
     def __init__(self, peft_model, fingerprint: str, *, cache_dir: str | None, max_length: int, packing: str,
@@ -18,8 +21,6 @@ class ReferenceSource:
         self.current_pairs = 0
 
     def with_base(self, ds, *, batch_size: int):
-        from seqdpo.refcache import reference_logps, with_reference_columns
-
         lp = reference_logps(
             self.model, ds, fingerprint=self.fingerprint, cache_dir=self.cache_dir, batch_size=batch_size,
             max_length=self.max_length, packing=self.packing,
@@ -28,9 +29,6 @@ class ReferenceSource:
 
     def with_current(self, ds, path: Path, *, batch_size: int):
         """The model as it stands now; saved beside the stage so a requeued stage reuses the same numbers."""
-        from seqdpo.logprobs import dataset_logps
-        from seqdpo.refcache import with_reference_columns
-
         if path.exists():
             lp = dict(np.load(path))
         else:
@@ -42,6 +40,4 @@ class ReferenceSource:
         return with_reference_columns(ds, lp)
 
     def counter(self) -> dict:
-        from seqdpo.refcache import ref_forward_counts
-
         return {**ref_forward_counts(), "previous_stage_pairs": self.current_pairs}

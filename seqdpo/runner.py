@@ -5,7 +5,7 @@
 The job is resumable at two levels, so nothing is lost on a crash or a SLURM requeue: a stage whose
 `stage_<k>/DONE` exists is skipped (its adapter is reloaded), and a stage interrupted midway resumes
 from the newest Trainer checkpoint in `stage_<k>/checkpoints/`. A directory holding another config's
-results is refused rather than mixed (see `seqdpo.jobdir`). The layout is in docs/DESIGN.md.
+results is refused rather than mixed (see `seqdpo.job.directory`). The layout is in docs/DESIGN.md.
 """
 
 from __future__ import annotations
@@ -14,30 +14,47 @@ import json
 import logging
 import os
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from peft import get_peft_model
+from transformers import set_seed
 
 from seqdpo import config as C
+from seqdpo.analysis.diagnostics import report_tables
+from seqdpo.analysis.intervals import job_intervals
+from seqdpo.analysis.recorder import DiagnosticsRecorder
+from seqdpo.behaviour.generate import reset_base_generation_counts
+from seqdpo.behaviour.scorers import ScoringContext
+from seqdpo.behaviour.stage import BehaviourEval
 from seqdpo.config import RunConfig
+from seqdpo.data import build_objectives
+from seqdpo.data.accounting import prepare_pairs
+from seqdpo.distributed import is_main_process
+from seqdpo.evaluation import summarize
 from seqdpo.filemodes import follow_umask
-from seqdpo.jobdir import check_output_dir, claim_output_dir, clear_job_results
-from seqdpo.joblock import job_lock
-from seqdpo.reference_source import ReferenceSource
-from seqdpo.stage_loop import StageContext, StageLoop, StageTraining
+from seqdpo.job.directory import check_output_dir, claim_output_dir, clear_job_results
+from seqdpo.job.lock import job_lock
+from seqdpo.job.status import JobStatus, read_status, stop_on_sigterm, where
 from seqdpo.job_settings import scoring_settings, stage_settings
+from seqdpo.modeling import check_target_modules, load_model, load_tokenizer, make_lora_config, model_fingerprint
+from seqdpo.partition import partition_stages
+from seqdpo.reference_source import ReferenceSource
+from seqdpo.refcache import DEFAULT_CACHE_DIR, reset_ref_forward_counts
+from seqdpo.report import job_plots
+from seqdpo.stage_loop import StageContext, StageLoop, StageTraining
+from seqdpo.strategies import plan_stages, summary
+from seqdpo.tracking import Tracker
+from seqdpo.wandb_keys import transfer_summary
 
 log = logging.getLogger("seqdpo")
 
 
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def run_job(cfg: RunConfig, out_dir: str, *, group: str | None = None) -> dict:
-    """Runs the job holding the directory's lock (seqdpo.joblock): one live job per directory."""
+    """Runs the job holding the directory's lock (seqdpo.job.lock): one live job per directory."""
     out = Path(out_dir)
     if not is_main_process():  # DDP: rank 0 holds the lock and writes; the other ranks only read
         out.mkdir(parents=True, exist_ok=True)
@@ -51,8 +68,6 @@ def run_job(cfg: RunConfig, out_dir: str, *, group: str | None = None) -> dict:
 
 
 def _run_job(cfg: RunConfig, out: Path, group: str | None) -> dict:
-    from seqdpo.jobstatus import JobStatus, read_status, stop_on_sigterm, where
-
     sig = C.signature(cfg)
     # A rerun of a finished job (every stage DONE) adds nothing its W&B run lacks: it opens none.
     finished = (read_status(out) or {}).get("state") == "done" and all(
@@ -64,7 +79,6 @@ def _run_job(cfg: RunConfig, out: Path, group: str | None) -> dict:
     status.reserve_space()
     status.set("running")
     status.start_heartbeat()
-    from seqdpo.tracking import Tracker
 
     tracker = None
     try:
@@ -102,15 +116,6 @@ def _run_job(cfg: RunConfig, out: Path, group: str | None) -> dict:
 
 
 def _run_stages(cfg: RunConfig, out: Path, tracker, status) -> dict:
-    from peft import get_peft_model
-    from transformers import set_seed
-
-    from seqdpo.data import build_objectives
-    from seqdpo.data.accounting import prepare_pairs
-    from seqdpo.modeling import check_target_modules, load_model, load_tokenizer, make_lora_config, model_fingerprint
-    from seqdpo.refcache import reset_ref_forward_counts
-    from seqdpo.strategies import plan_stages
-
     reset_ref_forward_counts()  # per job, also when a multirun runs several jobs in one process
     set_seed(cfg.seed)
     stage_objs = C.stage_objectives(cfg)
@@ -159,9 +164,6 @@ def _run_stages(cfg: RunConfig, out: Path, tracker, status) -> dict:
 def _write_results(cfg: RunConfig, out: Path, tracker, stage_names, objectives, refs, recorder, plan, accounting,
                    behaviour=None) -> dict:
     """The job-level files (pairs.parquet, matrix.json, diagnostics.json) and their W&B counterparts."""
-    from seqdpo.analysis.intervals import job_intervals
-    from seqdpo.evaluation import summarize
-    from seqdpo.strategies import summary
 
     pairs = pd.concat([pd.read_parquet(out / f"stage_{k}" / "pairs.parquet") for k in range(len(stage_names))])
     matrix = summarize(pairs, stage_names, objectives, cfg.beta)
@@ -181,16 +183,11 @@ def _write_results(cfg: RunConfig, out: Path, tracker, stage_names, objectives, 
         job_diag["pairs"] = accounting
         (out / "diagnostics.json").write_text(json.dumps(job_diag, indent=1, default=float))
     if tracker is not None:
-        from seqdpo.analysis.diagnostics import report_tables
-        from seqdpo.report import job_plots
-
         tracker.log_matrix(matrix)
         tracker.summary({"reference_forwards/" + k: v for k, v in matrix["reference_forwards"].items()})
         tracker.summary({f"strategy/stage{row['stage']}/{key}": v for row in matrix["strategy"]["stages"]
                          for key, v in row.items() if isinstance(v, (int, float)) and key != "stage"})
         if job_diag is not None:
-            from seqdpo.wandb_keys import transfer_summary
-
             tracker.summary(transfer_summary(job_diag.get("transfer") or {}))
             tracker.log_tables(report_tables(job_diag))
         tracker.log_images(job_plots(out))
@@ -205,8 +202,6 @@ def _stage_train_sets(cfg: RunConfig, stage_objs: list[str], train_tok: dict, re
     The base reference is attached to the whole sets before they are split: the cache is keyed on a
     set's rows, so each chunk would otherwise miss it and pay a second forward over the same pairs.
     """
-    from seqdpo.partition import partition_stages
-
     if cfg.reference == "base" or cfg.order.partition == "easy_to_hard":
         train_tok = {n: refs.with_base(train_tok[n], batch_size=cfg.eval.batch_size) for n in dict.fromkeys(stage_objs)}
     base_margins = None
@@ -223,8 +218,6 @@ def _diagnostics_recorder(cfg: RunConfig, out: Path, eval_tok: dict, train_tok: 
     d = cfg.diagnostics
     if not (d.grad_cosine or d.adapter_movement or d.likelihood):
         return None
-    from seqdpo.analysis.diagnostics import DiagnosticsRecorder
-
     probes = None
     if d.grad_cosine and d.probe_source == "train":
         # The first probe_pairs training pairs of each objective, with the base reference (as eval rows carry).
@@ -232,22 +225,14 @@ def _diagnostics_recorder(cfg: RunConfig, out: Path, eval_tok: dict, train_tok: 
             n: refs.with_base(ds.select(range(min(d.probe_pairs, len(ds)))), batch_size=cfg.eval.batch_size)
             for n, ds in train_tok.items()
         }
-    recorder = DiagnosticsRecorder(cfg, out, eval_tok, probes)
-    recorder.stage_objectives = stage_names  # the strategy's rows (joint: one stage; merge: a merged row)
-    recorder.fresh_stages = fresh_stages
-    return recorder
+    return DiagnosticsRecorder(d, out, eval_tok, stage_objectives=stage_names, fresh_stages=fresh_stages,
+                               lora_scaling=cfg.lora.effective_alpha() / cfg.lora.r, max_length=cfg.model.max_length,
+                               batch_size=cfg.eval.batch_size, tie_tolerance=cfg.eval.tie_tolerance, grad_probes=probes)
 
 
 def _behaviour_eval(cfg: RunConfig, out: Path, tok, objectives, prepared, peft_model, fingerprint: str, tracker):
     if not cfg.eval.generate:
         return None
-    from dataclasses import replace
-
-    from seqdpo.behaviour.generate import reset_base_generation_counts
-    from seqdpo.behaviour.scorers import ScoringContext
-    from seqdpo.behaviour.stage import BehaviourEval
-    from seqdpo.refcache import DEFAULT_CACHE_DIR
-
     reset_base_generation_counts()
     # the job's pairs, not the builder's whole splits: what the policy trained on and what it is scored on
     job = {n: replace(obj, train=prepared.train[n], eval=prepared.eval[n]) for n, obj in objectives.items()}

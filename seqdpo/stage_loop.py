@@ -24,13 +24,20 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from peft import load_peft_weights, set_peft_model_state_dict
 from transformers import TrainerCallback
 
+from seqdpo.analysis.diagnostics import grad_cosine_rows, wandb_payload
 from seqdpo.config import EvalConfig
+from seqdpo.evaluation import evaluate_base, evaluate_stage
 from seqdpo.filemodes import follow_umask
-from seqdpo.joblog import StageClock
-from seqdpo.resume import latest_intact_checkpoint, read_trained, stage_train_loss, trainer_state_step, write_trained
-from seqdpo.strategies import StagePlan
+from seqdpo.job.log import StageClock
+from seqdpo.job.resume import latest_intact_checkpoint, read_trained, stage_train_loss, trainer_state_step, write_trained
+from seqdpo.strategies.anchor import build_penalty
+from seqdpo.strategies.merge import merge_into_default
+from seqdpo.strategies.stage_plan import StagePlan
+from seqdpo.trainer import SeqDPOTrainer, make_dpo_config
+from seqdpo.wandb_keys import eval_row
 
 log = logging.getLogger("seqdpo")
 
@@ -46,9 +53,9 @@ class StageContext:
     evaluation: EvalConfig
     beta: float  # of the evaluation's implicit rewards
     packing: str
-    status: Any  # seqdpo.jobstatus.JobStatus
+    status: Any  # seqdpo.job.status.JobStatus
     tracker: Any = None  # seqdpo.tracking.Tracker; None: no W&B run (logger=none, or not rank 0)
-    recorder: Any = None  # seqdpo.analysis.diagnostics.DiagnosticsRecorder; None: diagnostics off
+    recorder: Any = None  # seqdpo.analysis.recorder.DiagnosticsRecorder; None: diagnostics off
     behaviour: Any = None  # seqdpo.behaviour.stage.BehaviourEval; None: eval.generate off
     main: bool = True
 
@@ -68,8 +75,6 @@ class StageLoop:
             self.stage(k, stage)
 
     def base(self) -> None:
-        from seqdpo.evaluation import evaluate_base
-
         self.ctx.status.set("running", stage=0)
         self.clock.start(0, "evaluating the base model")
         e = self.ctx.evaluation
@@ -95,8 +100,6 @@ class StageLoop:
         """Stage k's adapter into the model, and what DONE records of how it came about."""
         sd = self.ctx.stage_dir(k)
         if stage.merge:  # strategy=merge: no training, the stages' adapters combined
-            from seqdpo.strategies.merge import merge_into_default
-
             self.clock.start(k, f"merging the adapters of stages {list(stage.merge)}, then evaluating")
             merged = merge_into_default(self.ctx.model, [self.ctx.stage_dir(j) / "adapter" for j in stage.merge],
                                         self.ctx.out / "adapter_init", stage.settings.strategy, stage.settings.seed)
@@ -116,8 +119,6 @@ class StageLoop:
         return self.training.train(k, stage, label=self.clock.label(k))
 
     def evaluate(self, k: int) -> pd.DataFrame:
-        from seqdpo.evaluation import evaluate_stage
-
         e = self.ctx.evaluation
         return evaluate_stage(
             self.ctx.model, self.ctx.eval_sets, stage=k, stage_objective=self.names[k], beta=self.ctx.beta,
@@ -136,8 +137,6 @@ class StageLoop:
 
 
 def write_stage(sd: Path, pairs: pd.DataFrame, info: dict, tracker, k: int) -> None:
-    from seqdpo.wandb_keys import eval_row
-
     sd.mkdir(parents=True, exist_ok=True)
     pairs.to_parquet(sd / "pairs.parquet", index=False)
     g = pairs.groupby("objective")
@@ -156,13 +155,11 @@ class StageTraining:
     stage from its newest intact checkpoint; writes the adapter, the train log, then TRAINED."""
 
     def __init__(self, ctx: StageContext, refs, *, max_length: int, previous_reference: bool):
-        self.ctx, self.refs = ctx, refs  # refs: seqdpo.references.ReferenceSource
+        self.ctx, self.refs = ctx, refs  # refs: seqdpo.reference_source.ReferenceSource
         self.max_length = max_length
         self.previous_reference = previous_reference  # sDPO: the model before this stage is its reference
 
     def train(self, k: int, stage: StagePlan, *, label: str) -> dict:
-        from seqdpo.trainer import SeqDPOTrainer, make_dpo_config
-
         ctx, sd, settings = self.ctx, self.ctx.stage_dir(k), stage.settings
         if stage.fresh:  # strategy=merge: every adapter trains from the base
             load_adapter(ctx.model, ctx.out / "adapter_init")
@@ -210,8 +207,6 @@ class StageTraining:
         """strategy=anchor's penalty, built by the trainer from itself (the EWC Fisher is its loss's)."""
         if not stage.anchored:
             return None
-        from seqdpo.strategies.anchor import build_penalty
-
         return partial(build_penalty, strategy=stage.settings.strategy, seed=stage.settings.seed,
                        earlier_sets=stage.anchor_sets, stage_dir=self.ctx.stage_dir(k), main_process=self.ctx.main)
 
@@ -221,8 +216,6 @@ class StageTraining:
             return
         (ctx.stage_dir(k) / "diagnostics.json").write_text(json.dumps(diag, indent=1, default=float))
         if ctx.tracker is not None:
-            from seqdpo.analysis.diagnostics import grad_cosine_rows, wandb_payload
-
             ctx.tracker.summary({f"stage{k}/{key}": v for key, v in wandb_payload(diag).items()})
             ctx.tracker.series("grad_cosine", "progress", grad_cosine_rows(diag))
 
@@ -236,7 +229,5 @@ class _CheckpointModes(TrainerCallback):
 
 
 def load_adapter(peft_model, folder: Path) -> None:
-    from peft import load_peft_weights, set_peft_model_state_dict
-
     device = next(peft_model.parameters()).device
     set_peft_model_state_dict(peft_model, load_peft_weights(str(folder), device=str(device)))

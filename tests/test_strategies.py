@@ -82,7 +82,6 @@ def test_replay_draws_the_ratio_once_and_trains_on_the_record(tmp_path, ratio, e
 
 
 def test_replay_pool_is_every_earlier_stage_and_the_draw_follows_the_seed(tmp_path):
-    from seqdpo.strategies import plan_stages
     from seqdpo.strategies.replay import draw
 
     objs, sets = _sets((8, 8, 8), ("polite", "factual", "concise"))

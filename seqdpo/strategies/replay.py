@@ -23,6 +23,7 @@ import pandas as pd
 from datasets import Dataset, concatenate_datasets
 
 from seqdpo.stage_settings import StageSettings
+from seqdpo.strategies.stage_plan import StagePlan, optimizer_steps
 
 log = logging.getLogger("seqdpo")
 RECORD = "replay.parquet"
@@ -55,8 +56,6 @@ def recorded(ratio: float, seed: int, own: list[pd.DataFrame], out: Path, *, wri
 
 def replay_stages(stage_objs: list[str], stage_sets: list[Dataset], settings: list[StageSettings], own: list[pd.DataFrame],
                   out: Path, *, write: bool):
-    from seqdpo.strategies import StagePlan, optimizer_steps
-
     job = settings[0]  # the draw is made once for the job, with its ratio and seed
     draws = recorded(job.strategy.ratio, job.seed, own, out, write=write)
     plans = [StagePlan(stage_objs[0], stage_sets[0], settings[0], own[0])]
