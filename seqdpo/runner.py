@@ -39,7 +39,7 @@ from seqdpo.filemodes import follow_umask
 from seqdpo.job.directory import check_output_dir, claim_output_dir, clear_job_results
 from seqdpo.job.lock import job_lock
 from seqdpo.job.status import JobStatus, read_status, stop_on_sigterm, where
-from seqdpo.job_settings import scoring_settings, stage_settings
+from seqdpo.job_settings import run_labels, scoring_settings, stage_settings
 from seqdpo.modeling import check_target_modules, load_model, load_tokenizer, make_lora_config, model_fingerprint
 from seqdpo.partition import partition_stages
 from seqdpo.reference_source import ReferenceSource
@@ -83,7 +83,8 @@ def _run_job(cfg: RunConfig, out: Path, group: str | None) -> dict:
     tracker = None
     try:
         with stop_on_sigterm():
-            tracker = Tracker(cfg, out, signature=sig, group=group, finished=finished) if is_main_process() else None
+            tracker = (Tracker(cfg.logger, run_labels(cfg), out, signature=sig, group=group, finished=finished)
+                       if is_main_process() else None)
             matrix = _run_stages(cfg, out, tracker, status)
     except BaseException as e:  # KeyboardInterrupt and SystemExit too: the status must say the job stopped
         # A signal (preemption, requeue, Ctrl-C, SIGTERM) stops a job that a rerun resumes; an exception is a failure.
