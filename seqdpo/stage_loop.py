@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from peft import load_peft_weights, set_peft_model_state_dict
@@ -39,6 +39,13 @@ from seqdpo.strategies.stage_plan import StagePlan
 from seqdpo.trainer import SeqDPOTrainer, make_dpo_config
 from seqdpo.wandb_keys import eval_row
 
+if TYPE_CHECKING:
+    from seqdpo.analysis.recorder import DiagnosticsRecorder
+    from seqdpo.behaviour.stage import BehaviourEval
+    from seqdpo.job.status import JobStatus
+    from seqdpo.reference_source import ReferenceSource
+    from seqdpo.tracking import Tracker
+
 log = logging.getLogger("seqdpo")
 
 
@@ -53,10 +60,10 @@ class StageContext:
     evaluation: EvalConfig
     beta: float  # of the evaluation's implicit rewards
     packing: str
-    status: Any  # seqdpo.job.status.JobStatus
-    tracker: Any = None  # seqdpo.tracking.Tracker; None: no W&B run (logger=none, or not rank 0)
-    recorder: Any = None  # seqdpo.analysis.recorder.DiagnosticsRecorder; None: diagnostics off
-    behaviour: Any = None  # seqdpo.behaviour.stage.BehaviourEval; None: eval.generate off
+    status: JobStatus
+    tracker: Tracker | None = None  # None on DDP ranks other than 0
+    recorder: DiagnosticsRecorder | None = None  # None: diagnostics off
+    behaviour: BehaviourEval | None = None  # None: eval.generate off
     main: bool = True
 
     def stage_dir(self, k: int) -> Path:
@@ -154,8 +161,8 @@ class StageTraining:
     """Trains one stage's adapter from the model as it stands (or from adapter_init), resuming an interrupted
     stage from its newest intact checkpoint; writes the adapter, the train log, then TRAINED."""
 
-    def __init__(self, ctx: StageContext, refs, *, max_length: int, previous_reference: bool):
-        self.ctx, self.refs = ctx, refs  # refs: seqdpo.reference_source.ReferenceSource
+    def __init__(self, ctx: StageContext, refs: ReferenceSource, *, max_length: int, previous_reference: bool):
+        self.ctx, self.refs = ctx, refs
         self.max_length = max_length
         self.previous_reference = previous_reference  # sDPO: the model before this stage is its reference
 
