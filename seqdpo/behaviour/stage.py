@@ -4,9 +4,9 @@
     info = behaviour.on_stage(k, stage_dir)        # before the stage's DONE; returns its timings
     block = behaviour.summary(stage_names)         # matrix.json["behaviour"]
 
-`scoring` (a ScoringContext) holds the model, tokenizer and the job's objectives: their pairs (after the draw of dataset.n_train / n_eval): generation prompts come
-from their eval splits, held out from all their training splits (`prompts.py`); `trained_rm` trains on
-their training splits. A stage directory gets `generations.parquet` (generate.COLUMNS), `scores.parquet`
+`scoring` (a ScoringContext) holds the model, the tokenizer and the job's objectives, whose pairs (after
+the draw of dataset.n_train / n_eval) give the generation prompts: from their eval splits, held out from
+all their training splits (`prompts.py`); `trained_rm` trains on their training splits. A stage directory gets `generations.parquet` (generate.COLUMNS), `scores.parquet`
 (objective, prompt_id, sample, score) and `guards.parquet` (the degeneration guards, `guards.py`), all
 before DONE. A rerun of a stage stopped midway reuses what is on disk: the finished objectives'
 generations (`generations.parts/`), then the whole table, scores and guards.
