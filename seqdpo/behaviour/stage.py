@@ -6,9 +6,9 @@
 
 `scoring` (a ScoringContext) holds the model, the tokenizer and the job's objectives, whose pairs (after
 the draw of dataset.n_train / n_eval) give the generation prompts: from their eval splits, held out from
-all their training splits (`prompts.py`); `trained_rm` trains on their training splits. A stage directory gets `generations.parquet` (generate.COLUMNS), `scores.parquet`
-(objective, prompt_id, sample, score) and `guards.parquet` (the degeneration guards, `guards.py`), all
-before DONE. A rerun of a stage stopped midway reuses what is on disk: the finished objectives'
+all their training splits (`prompts.py`); `trained_rm` trains on their training splits. A stage
+directory gets `generations.parquet` (generate.COLUMNS), `scores.parquet` (objective, prompt_id, sample,
+score) and `guards.parquet` (the degeneration guards, `guards.py`), all before DONE. A rerun of a stage stopped midway reuses what is on disk: the finished objectives'
 generations (`generations.parts/`), then the whole table, scores and guards.
 """
 
