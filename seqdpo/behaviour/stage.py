@@ -8,8 +8,9 @@
 the draw of dataset.n_train / n_eval) give the generation prompts: from their eval splits, held out from
 all their training splits (`prompts.py`); `trained_rm` trains on their training splits. A stage
 directory gets `generations.parquet` (generate.COLUMNS), `scores.parquet` (objective, prompt_id, sample,
-score) and `guards.parquet` (the degeneration guards, `guards.py`), all before DONE. A rerun of a stage stopped midway reuses what is on disk: the finished objectives'
-generations (`generations.parts/`), then the whole table, scores and guards.
+score) and `guards.parquet` (the degeneration guards, `guards.py`), all before DONE. A rerun of a stage
+stopped midway reuses what is on disk: the finished objectives' generations (`generations.parts/`), then
+the whole table, scores and guards.
 """
 
 from __future__ import annotations
