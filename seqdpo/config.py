@@ -110,14 +110,16 @@ class LossConfig:
     beta_pos: Optional[float] = None  # flex_dpo: beta of the chosen term (None = the run's beta)
     beta_neg: Optional[float] = None  # flex_dpo: absolute beta of the rejected term (None = beta_neg_ratio * beta_pos)
     beta_neg_ratio: Optional[float] = None  # flex_dpo: beta_neg / beta_pos (None = 1: plain DPO)
-    gamma: float = 0.1  # sft_dpo: weight of the chosen NLL
-    spo_lambda: float = 1.0  # spo: weight of the penalty on the chosen log-prob falling below the reference
-    discopop_tau: float = 0.05
+    gamma: float = 0.1  # sft_dpo: weight of the chosen NLL (the paper reports no value)
+    # spo: weight of the penalty on the chosen log-prob falling below the reference; unknown in the paper,
+    # > beta so that a violated constraint dominates the chosen's gradient
+    spo_lambda: float = 1.0
+    discopop_tau: float = 0.05  # discopop: the paper's value
 
 
 @dataclass
 class TrainConfig:
-    epochs: float = 1.0  # per stage
+    epochs: float = 1.0  # per stage (the paper: one epoch)
     max_steps: int = -1  # per stage; > 0 overrides epochs
     batch_size: int = 8  # preference pairs per device step
     grad_accum: int = 1
@@ -176,7 +178,7 @@ class EvalConfig:
     # Per verdict column, the smallest change worth a claim: a verdict whose interval lies inside +-min_effect is
     # "equivalent", one that holds 0 and more than that "inconclusive". Declare it before looking at results.
     min_effect: dict[str, float] = field(default_factory=lambda: dict(MIN_EFFECT))
-    generate: bool = False  # behaviour: generate after every stage and score it (seqdpo/behaviour)
+    generate: bool = False  # behaviour: generate after every stage and score it with `scorer` (seqdpo/behaviour)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
 
 
@@ -237,9 +239,9 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
-    beta: float = 0.3
-    lr: float = 5e-5
-    seed: int = 0
+    beta: float = 0.3  # DPO beta, the paper's value
+    lr: float = 5e-5  # the paper's LoRA learning rate; the tiny model needs ~5e-3 to move visibly
+    seed: int = 0  # data order, LoRA init, subsampling
     reference: str = "base"  # base: frozen base model in every stage | previous: model after the previous stage (sDPO)
     ref_cache_dir: Optional[str] = None  # base-reference log-prob cache; None = outputs/.refcache
 
@@ -506,6 +508,27 @@ def _check_packing(model: ModelConfig) -> None:
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
     return asdict(cfg)
+
+
+def default(key: str) -> Any:
+    """The schema's default of a dotted key ('eval.tie_tolerance'); '???' for one a group file must set (model.name)."""
+    hints = typing.get_type_hints(RunConfig)
+    # lora and logger have no default of their own (a group file picks one): their type's fields do
+    node: Any = RunConfig(**{f.name: hints[f.name]() for f in dataclasses.fields(RunConfig)
+                             if f.default is MISSING and dataclasses.is_dataclass(hints[f.name])})
+    for part in key.split("."):
+        node = getattr(node, part) if dataclasses.is_dataclass(node) else node[part]
+    return node
+
+
+def setting(config: dict, key: str) -> Any:
+    """`key` of a job's saved config (its config.yaml as a dict), or the schema's default when the job predates the key."""
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default(key)
+        node = node[part]
+    return node
 
 
 def signature(cfg: RunConfig) -> str:
