@@ -534,18 +534,12 @@ def setting(config: dict, key: str) -> Any:
 def signature(cfg: RunConfig) -> str:
     """Identity of the science a job does: same signature = same results, so a rerun may reuse its outputs.
 
-    The logger settings and the cache location do not change results and are left out, so
-    switching W&B on or off keeps a job's identity. So are the strategy keys the strategy does not
-    read, and the whole strategy when it is `sequential`, and the batch layout when it is the default
-    (model.packing changes no log-prob, but LoRA dropout draws its masks over the layout's tokens):
-    jobs from before strategies and layouts existed keep theirs.
+    The logger settings and the cache location do not change results and are left out, so switching W&B
+    on or off keeps a job's identity; so are the strategy keys the strategy does not read (validate()
+    refuses them away from their defaults), so a key added for one strategy leaves the others' jobs as they were.
     """
     d = to_dict(cfg)
     d.pop("logger")
     d.pop("ref_cache_dir")
-    if d["model"]["packing"] == ModelConfig.packing:
-        d["model"].pop("packing")
-    strategy = d.pop("strategy")
-    if strategy["name"] != "sequential":
-        d["strategy"] = {k: strategy[k] for k in ("name", *STRATEGY_KEYS.get(strategy["name"], ()))}
+    d["strategy"] = {k: d["strategy"][k] for k in ("name", *STRATEGY_KEYS.get(cfg.strategy.name, ()))}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
