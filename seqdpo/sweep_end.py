@@ -20,6 +20,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from seqdpo.config import setting
 from seqdpo.jobstatus import observed_state, read_status, where
 
 
@@ -48,7 +49,7 @@ def last_line(text: str) -> str:
 def over_warn_fraction(table: dict, config: dict) -> list[str]:
     """The splits of a finished job's pair table (matrix.json "pairs", seqdpo.data.accounting) that lost more
     than the job's `dataset.warn_fraction` to `model.max_length`, in words: ['a/train 100% (16 of 16)']."""
-    limit = (config.get("dataset") or {}).get("warn_fraction", 0.05)
+    limit = setting(config, "dataset.warn_fraction")
     return [f"{objective}/{split} {100 * a['lost_fraction']:.0f}% "
             f"({round(a['lost_fraction'] * a['tokenized'])} of {a['tokenized']})"
             for objective, splits in (table or {}).items() for split, a in splits.items()

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from seqdpo.config import STRATEGY_KEYS, RunConfig
+from seqdpo.config import STRATEGY_KEYS, RunConfig, default
 
 if TYPE_CHECKING:  # the report imports this module for its names; datasets is heavy
     from datasets import Dataset
@@ -50,8 +50,8 @@ def row_names(strategy: str, stage_objs: list[str]) -> list[str]:
 
 def label(strategy: dict | None) -> str:
     """A strategy setting as the report names it: its name and the keys it reads, e.g. `replay ratio=0.5`."""
-    strategy = strategy or {"name": "sequential"}
-    name = strategy.get("name", "sequential")
+    strategy = strategy or {}
+    name = strategy.get("name", default("strategy.name"))
     unread = {"fisher_pairs"} if strategy.get("penalty") != "ewc" else set()
     unread |= {"density"} if strategy.get("method") == "linear" else set()
     keys = [k for k in STRATEGY_KEYS.get(name, ()) if k not in unread]
