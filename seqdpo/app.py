@@ -34,6 +34,9 @@ from seqdpo.job.log import config_summary, log_result, quiet_libraries
 
 log = logging.getLogger("seqdpo")
 
+# The schema is the first entry of conf/config.yaml's defaults list, so every key starts at its dataclass
+# default and a group file merged over it (lora/r8.yaml: `r: 8`) fills only what it states: the defaults
+# live in seqdpo/config.py alone, and conf/ says what differs from them.
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
 # TRL 1.16 still sets the option name that transformers 5 deprecates: nothing for a user to act on.
 warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from seqdpo.config import STRATEGY_KEYS
+from seqdpo.config import STRATEGY_KEYS, default
 from seqdpo.stage_settings import StageSettings
 from seqdpo.strategies.contradictions import contradictory_pairs
 from seqdpo.strategies.merge import merge_weights
@@ -51,8 +51,8 @@ def row_names(strategy: str, stage_objs: list[str]) -> list[str]:
 
 def label(strategy: dict | None) -> str:
     """A strategy setting as the report names it: its name and the keys it reads, e.g. `replay ratio=0.5`."""
-    strategy = strategy or {"name": "sequential"}
-    name = strategy.get("name", "sequential")
+    strategy = strategy or {}
+    name = strategy.get("name", default("strategy.name"))
     unread = {"fisher_pairs"} if strategy.get("penalty") != "ewc" else set()
     unread |= {"density"} if strategy.get("method") == "linear" else set()
     keys = [k for k in STRATEGY_KEYS.get(name, ()) if k not in unread]
