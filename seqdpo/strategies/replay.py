@@ -23,6 +23,7 @@ import pandas as pd
 from datasets import Dataset, concatenate_datasets
 
 from seqdpo.config import RunConfig
+from seqdpo.strategies.stage_plan import StagePlan, optimizer_steps
 
 log = logging.getLogger("seqdpo")
 RECORD = "replay.parquet"
@@ -54,8 +55,6 @@ def recorded(cfg: RunConfig, own: list[pd.DataFrame], out: Path, *, write: bool)
 
 
 def replay_stages(cfg: RunConfig, stage_objs: list[str], stage_sets: list[Dataset], own: list[pd.DataFrame], out: Path, *, write: bool):
-    from seqdpo.strategies import StagePlan, optimizer_steps
-
     draws = recorded(cfg, own, out, write=write)
     plans = [StagePlan(stage_objs[0], stage_sets[0], own[0])]
     for k in range(1, len(stage_sets)):
