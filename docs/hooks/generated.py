@@ -1,8 +1,9 @@
-"""MkDocs hook: the configuration reference table, generated from the schema at build time.
+"""MkDocs hook: pages whose text lives elsewhere, filled in at build time so that it lives in one place.
 
-The dataclasses in `seqdpo/config.py` are the one place that holds every key's type, default and
-comment; a page that says `<!-- config-reference -->` gets the table made from them, so the docs
-cannot drift from the schema. `tests/test_docs.py` checks the table against the schema too.
+- `<!-- config-reference -->`: the table of every config key, made from the dataclasses of
+  `seqdpo/config.py`, the one place that holds each key's type, default and comment.
+- `<!-- readme -->`: the repository's README.md, the site's home page, with its `docs/` links made
+  relative to the site. Strict builds then check the README's links too.
 """
 
 from __future__ import annotations
@@ -12,9 +13,13 @@ import inspect
 import io
 import json
 import tokenize
+import re
 import typing
+from pathlib import Path
 
-MARKER = "<!-- config-reference -->"
+CONFIG_MARKER = "<!-- config-reference -->"
+README_MARKER = "<!-- readme -->"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def _comments(cls: type) -> dict[str, str]:
@@ -99,5 +104,13 @@ def table() -> str:
     return "\n".join(lines)
 
 
+def readme() -> str:
+    return re.sub(r"\]\(docs/", "](", README.read_text())
+
+
 def on_page_markdown(markdown: str, **_) -> str:
-    return markdown.replace(MARKER, table()) if MARKER in markdown else markdown
+    if CONFIG_MARKER in markdown:
+        markdown = markdown.replace(CONFIG_MARKER, table())
+    if README_MARKER in markdown:
+        markdown = markdown.replace(README_MARKER, readme())
+    return markdown
