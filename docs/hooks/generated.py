@@ -12,8 +12,8 @@ import dataclasses
 import inspect
 import io
 import json
-import tokenize
 import re
+import tokenize
 import typing
 from pathlib import Path
 
