@@ -168,7 +168,7 @@ def test_ddp_env_from_a_two_task_submitit_job(monkeypatch):
 
 @pytest.mark.slurm
 def test_a_preset_bigger_than_the_node_is_refused_before_submission(slurm_cluster, tmp_path):
-    """The README's first attempt on the local SLURM: `slurm` (8 CPUs, 64 GB) on the 2-CPU node used to pass the
+    """The first attempt on the local SLURM in docs/cluster.md: `slurm` (8 CPUs, 64 GB) on the 2-CPU node used to pass the
     pre-flight and sit in PD (PartitionConfig) in silence; the small-partition preset fits."""
     sweep = tmp_path / "sweep"
     proc = run(seqdpo_cmd("hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=0",

@@ -221,8 +221,8 @@ def test_relations_and_losses_show_the_papers_directions(tmp_path, seed):
     s = f"seed={seed}"
     # Accuracies are on held-out eval prompts (templates no training pair asks), where what a stage
     # learned carries over unevenly: seed 2's polite accuracy after the conflicting stage 2 is 0.14-0.88
-    # across the 8 templates (0.45 overall). The thresholds below were set on that split (README, "The
-    # synthetic world"); on the old split, whose eval prompts were training prompts, they were 0.4 and
+    # across the 8 templates (0.45 overall). The thresholds below were set on that split (docs/synthetic.md,
+    # "What it reproduces"); on the old split, whose eval prompts were training prompts, they were 0.4 and
     # "within 0.05 of stage 1".
     # 1. Conflict: training B undoes A (A's accuracy after stage 2 far below after stage 1, its margin < 0).
     conflict = _job(tmp_path, "conflicting", [s, "dataset.options.relation=conflicting"])
