@@ -52,7 +52,7 @@ def _sets(sizes=(8, 8), names=("polite", "factual")):
 
 
 def _plan(cfg, objs, sets, out, *, write=True):
-    """The job's plan for `cfg` (seqdpo.runner: every stage with the job's settings)."""
+    """The plan of `objs` with every stage at the job's settings (seqdpo.job_settings.stage_settings)."""
     from seqdpo.job_settings import stage_settings
     from seqdpo.strategies import plan_stages
 
