@@ -65,3 +65,14 @@ def test_no_module_imports_one_that_imports_it_back():
         if imported != importer and graph.chain_exists(importer=imported, imported=importer)
     )
     assert circles == []
+
+
+def test_every_module_has_a_layer():
+    """A module the layers contract does not name is checked by nothing: a new one must be placed."""
+    import tomllib
+
+    layers = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"][0]["layers"]
+    named = {m.strip() for layer in layers for part in layer.split(":") for m in part.split("|")}
+    graph = grimp.build_graph("seqdpo", cache_dir=None)
+    top = {".".join(m.split(".")[:2]) for m in graph.modules if m != "seqdpo"}
+    assert sorted(top - named) == []
