@@ -85,6 +85,9 @@ class OrderConfig:
     # sDPO-style partitioning when an objective appears in several stages: each appearance trains on
     # its own chunk. none | random | easy_to_hard (by the base model's margin).
     partition: str = "none"
+    # Per-stage settings: position (from 1, a string key) -> {setting key: value}, e.g.
+    # order.stage_overrides.2.lr=1e-5; resolved and checked by seqdpo/stage_settings.py
+    stage_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -242,6 +245,9 @@ class RunConfig:
     seed: int = 0
     reference: str = "base"  # base: frozen base model in every stage | previous: model after the previous stage (sDPO)
     ref_cache_dir: Optional[str] = None  # base-reference log-prob cache; None = outputs/.refcache
+    # Trained stages shared across jobs by stage signature (seqdpo/stage_store.py); off: every job trains its own
+    stage_store: bool = True
+    stage_store_dir: Optional[str] = None  # None = .stagestore beside the reference cache
 
 
 REFERENCES = ("base", "previous")
@@ -322,6 +328,9 @@ def validate(cfg: RunConfig) -> None:
 
         check_behaviour_config(cfg)
     _validate_strategy(cfg)
+    from seqdpo.stage_settings import check_stage_overrides
+
+    check_stage_overrides(cfg)
 
 
 # numpy's seeds are 32-bit and stage k trains with seed + k
@@ -511,7 +520,8 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
 def signature(cfg: RunConfig) -> str:
     """Identity of the science a job does: same signature = same results, so a rerun may reuse its outputs.
 
-    The logger settings and the cache location do not change results and are left out, so
+    The logger settings, the cache and stage-store locations and whether the store is used do not change
+    results and are left out (so are per-stage overrides when there are none), so
     switching W&B on or off keeps a job's identity. So are the strategy keys the strategy does not
     read, and the whole strategy when it is `sequential`, and the batch layout when it is the default
     (model.packing changes no log-prob, but LoRA dropout draws its masks over the layout's tokens):
@@ -520,6 +530,10 @@ def signature(cfg: RunConfig) -> str:
     d = to_dict(cfg)
     d.pop("logger")
     d.pop("ref_cache_dir")
+    d.pop("stage_store")
+    d.pop("stage_store_dir")
+    if not d["order"]["stage_overrides"]:
+        d["order"].pop("stage_overrides")
     if d["model"]["packing"] == ModelConfig.packing:
         d["model"].pop("packing")
     strategy = d.pop("strategy")

@@ -112,6 +112,8 @@ def _run_stages(cfg: RunConfig, out: Path, tracker, status) -> dict:
     from seqdpo.joblog import StageClock
     from seqdpo.modeling import check_target_modules, load_model, load_tokenizer, make_lora_config, model_fingerprint
     from seqdpo.refcache import reset_ref_forward_counts
+    from seqdpo.stage_settings import stage_config, stage_settings
+    from seqdpo.stage_signature import current_environment, describe, stage_signatures
     from seqdpo.strategies import plan_stages
     from seqdpo.strategies.merge import merge_into_default
 
@@ -155,6 +157,9 @@ def _run_stages(cfg: RunConfig, out: Path, tracker, status) -> dict:
         )
 
     clock = StageClock(stage_names)
+    settings = stage_settings(cfg)  # one per entry of order.stages (joint trains them as one stage)
+    sharing = _stage_store(cfg)
+    signatures = stage_signatures(cfg, current_environment())
     if not (out / "stage_0" / "DONE").exists():
         status.set("running", stage=0)
         clock.start(0, "evaluating the base model")
@@ -185,33 +190,45 @@ def _run_stages(cfg: RunConfig, out: Path, tracker, status) -> dict:
                 _finish_stage(sd, pairs, {**stage.info, **behave(k, sd)}, tracker, k)
                 clock.end(k, pairs)
             continue
-        info = read_trained(sd)
-        if info is not None:  # stopped after training (in evaluation or generation): evaluate again, do not retrain
+
+        def train_and_evaluate(k=k, stage=stage, sd=sd):
+            info = read_trained(sd)
+            if info is not None:  # stopped after training (in evaluation or generation): evaluate again, do not retrain
+                _load_adapter(peft_model, sd / "adapter")
+                log.info("stage %d (%s) was trained earlier: adapter reloaded from %s, evaluating", k, stage.name, sd / "adapter")
+                clock.start(k, "trained earlier, evaluating")
+            else:
+                if stage.fresh:  # strategy=merge: every adapter trains from the base
+                    _load_adapter(peft_model, out / "adapter_init")
+                train_ds = stage.train
+                clock.start(k, f"training on {len(train_ds)} pairs, then evaluating")
+                if cfg.reference == "previous":  # sDPO: the model as it stands before this stage is the reference
+                    train_ds = refs.with_current(train_ds, sd / "train_reference.npz", batch_size=cfg.eval.batch_size)
+                # this stage's settings (order.stage_overrides); joint refuses them, so its one stage is the global's
+                info = _train_stage(stage_config(cfg, settings[k - 1]), peft_model, tok, train_ds, sd, k, tracker, recorder, stage, label=clock.label(k))
+            pairs = evaluate(k)
+            _finish_stage(sd, pairs, {**stage.info, **info, **behave(k, sd)}, tracker, k)
+            clock.end(k, pairs)
+
+        if sharing is None or signatures[k - 1] is None:
+            train_and_evaluate()
+        elif sharing.run_or_take(signatures[k - 1], sd, clock.label(k), train_and_evaluate,
+                                 {"stage": k, "name": stage.name, "job": describe(cfg)}):
             _load_adapter(peft_model, sd / "adapter")
-            log.info("stage %d (%s) was trained earlier: adapter reloaded from %s, evaluating", k, stage.name, sd / "adapter")
-            clock.start(k, "trained earlier, evaluating")
-        else:
-            if stage.fresh:  # strategy=merge: every adapter trains from the base
-                _load_adapter(peft_model, out / "adapter_init")
-            train_ds = stage.train
-            clock.start(k, f"training on {len(train_ds)} pairs, then evaluating")
-            if cfg.reference == "previous":  # sDPO: the model as it stands before this stage is the reference
-                train_ds = refs.with_current(train_ds, sd / "train_reference.npz", batch_size=cfg.eval.batch_size)
-            info = _train_stage(cfg, peft_model, tok, train_ds, sd, k, tracker, recorder, stage, label=clock.label(k))
-        pairs = evaluate(k)
-        _finish_stage(sd, pairs, {**stage.info, **info, **behave(k, sd)}, tracker, k)
-        clock.end(k, pairs)
+            log.info("%s taken from the stage store (%s), trained by %s", clock.label(k), signatures[k - 1],
+                     json.loads((sd / "DONE").read_text())["stage_store"]["trained_by"])
+            _log_taken_stage(tracker, sd, k)
 
     if not is_main_process():
         # DDP: only rank 0 writes stage tables, and it may not have written the last one yet (evaluation
         # is not synchronised across ranks), so other ranks stop here instead of reading them.
         return {"stages": stage_names, "rank": int(os.environ.get("RANK", "0"))}
     return _write_results(cfg, out, tracker, stage_names, list(objectives), refs, recorder, plan, prepared.table(),
-                          behaviour)
+                          behaviour, (sharing, signatures))
 
 
 def _write_results(cfg: RunConfig, out: Path, tracker, stage_names, objectives, refs, recorder, plan, accounting,
-                   behaviour=None) -> dict:
+                   behaviour=None, store=(None, ())) -> dict:
     """The job-level files (pairs.parquet, matrix.json, diagnostics.json) and their W&B counterparts."""
     from seqdpo.analysis.intervals import job_intervals
     from seqdpo.evaluation import summarize
@@ -228,6 +245,8 @@ def _write_results(cfg: RunConfig, out: Path, tracker, stage_names, objectives, 
     if behaviour is not None:
         matrix["behaviour"] = behaviour.summary(stage_names)
     matrix["pairs"] = accounting  # seqdpo.data.accounting: rows read, pairs built, dropped, truncated, kept
+    matrix["stage_store"] = _store_accounting(store, done)
+    log.info("stage store: %s", _store_line(matrix["stage_store"]))
     pairs.to_parquet(out / "pairs.parquet", index=False)
     (out / "matrix.json").write_text(json.dumps(matrix, indent=1))
     job_diag = recorder.finalize(pairs, matrix) if recorder is not None else None
@@ -239,6 +258,7 @@ def _write_results(cfg: RunConfig, out: Path, tracker, stage_names, objectives, 
         from seqdpo.report import job_plots
 
         tracker.log_matrix(matrix)
+        tracker.summary(_store_summary(matrix["stage_store"]))
         tracker.summary({"reference_forwards/" + k: v for k, v in matrix["reference_forwards"].items()})
         tracker.summary({f"strategy/stage{row['stage']}/{key}": v for row in matrix["strategy"]["stages"]
                          for key, v in row.items() if isinstance(v, (int, float)) and key != "stage"})
@@ -305,11 +325,7 @@ def _train_stage(cfg, peft_model, tok, train_ds, sd: Path, k: int, tracker, reco
         diag = recorder.on_stage_end(k, trainer)
         if is_main_process():
             (sd / "diagnostics.json").write_text(json.dumps(diag, indent=1, default=float))
-            if tracker is not None:
-                from seqdpo.analysis.diagnostics import grad_cosine_rows, wandb_payload
-
-                tracker.summary({f"stage{k}/{key}": v for key, v in wandb_payload(diag).items()})
-                tracker.series("grad_cosine", "progress", grad_cosine_rows(diag))
+            _log_stage_diagnostics(tracker, k, diag)
     if is_main_process():
         peft_model.save_pretrained(sd / "adapter")
         follow_umask(sd / "adapter")  # safetensors writes 0600
@@ -320,6 +336,71 @@ def _train_stage(cfg, peft_model, tok, train_ds, sd: Path, k: int, tracker, reco
         # checkpoints stay until DONE, so a stop before then still resumes rather than retrains.
         write_trained(sd, info)
     return info
+
+
+def _log_stage_diagnostics(tracker, k: int, diag: dict) -> None:
+    if tracker is None:
+        return
+    from seqdpo.analysis.diagnostics import grad_cosine_rows, wandb_payload
+
+    tracker.summary({f"stage{k}/{key}": v for key, v in wandb_payload(diag).items()})
+    tracker.series("grad_cosine", "progress", grad_cosine_rows(diag))
+
+
+def _stage_store(cfg: RunConfig):
+    """The stage store this job shares stages through, or None (stage_store=false, or DDP: every rank would have
+    to agree on each stage's source)."""
+    if not cfg.stage_store:
+        return None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        log.info("stage store off: a DDP job trains every stage itself")
+        return None
+    from seqdpo.stage_store import StageStore, default_store_dir
+
+    return StageStore(cfg.stage_store_dir or default_store_dir(cfg.ref_cache_dir))
+
+
+def _log_taken_stage(tracker, sd: Path, k: int) -> None:
+    """What training and evaluating the stage would have logged to W&B, from its files."""
+    if tracker is None:
+        return
+    done = json.loads((sd / "DONE").read_text())
+    tracker.series("eval", "stage", [{key[len("eval/"):]: v for key, v in done.items() if key.startswith("eval/")}])
+    prefix = f"stage{k}/train"
+    tracker.stage_callback(k)  # the stage's step axis
+    if (sd / "train_log.jsonl").exists():
+        for line in (sd / "train_log.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            tracker.log({f"{prefix}/step": row.get("step"), **{f"{prefix}/{key}": v for key, v in row.items() if key != "step"}})
+    if (sd / "diagnostics.json").exists():
+        _log_stage_diagnostics(tracker, k, json.loads((sd / "diagnostics.json").read_text()))
+
+
+def _store_accounting(store, done: list[dict]) -> dict:
+    """Which stages this job trained and which it took from the stage store (and from which signature)."""
+    sharing, signatures = store
+    rows = []
+    for k, (sig, d) in enumerate(zip(signatures, done), start=1):
+        taken = (d.get("stage_store") or {}).get("from")
+        rows.append({"stage": k, "signature": sig, "source": "merged" if sig is None else "store" if taken else "trained",
+                     **({"trained_by": d["stage_store"]["trained_by"]} if taken else {})})
+    return {"enabled": sharing is not None, "dir": None if sharing is None else str(sharing.root.resolve()), "stages": rows}
+
+
+def _store_line(accounting: dict) -> str:
+    """'stages 1 from the store, 2 trained' (what the log and the sweep's end say)."""
+    by_source = {}
+    for row in accounting["stages"]:
+        by_source.setdefault(row["source"], []).append(str(row["stage"]))
+    names = {"store": "from the store", "trained": "trained", "merged": "merged"}
+    line = ", ".join(f"stage{'s' if len(ks) > 1 else ''} {','.join(ks)} {names[src]}" for src, ks in by_source.items())
+    return line if accounting["enabled"] else f"off ({line})"
+
+
+def _store_summary(accounting: dict) -> dict:
+    sources = [row["source"] for row in accounting["stages"]]
+    return {"stage_store/trained": sources.count("trained"), "stage_store/from_store": sources.count("store"),
+            **{f"stage_store/stage{row['stage']}": row["source"] for row in accounting["stages"]}}
 
 
 class _CheckpointModes(TrainerCallback):

@@ -118,10 +118,13 @@ def plan_stages(cfg: RunConfig, stage_objs: list[str], stage_sets: list[Dataset]
 
         return replay_stages(cfg, stage_objs, stage_sets, own, out, write=write)
     plans = [StagePlan(o, ds, p) for o, ds, p in zip(stage_objs, stage_sets, own)]
-    if s.name == "anchor" and s.strength > 0:
-        for k in range(1, len(plans)):
-            plans[k].anchor_sets = stage_sets[:k]
-            plans[k].info = {"anchor": s.penalty, "strength": s.strength, "anchored_stages": k}
+    if s.name == "anchor":
+        from seqdpo.stage_settings import stage_settings
+
+        for k, settings in enumerate(stage_settings(cfg)[1:], start=1):
+            if settings.strategy.strength > 0:  # at 0 the stage is sequential's (order.stage_overrides may set it)
+                plans[k].anchor_sets = stage_sets[:k]
+                plans[k].info = {"anchor": s.penalty, "strength": settings.strategy.strength, "anchored_stages": k}
     if s.name == "merge":
         for p in plans[1:]:
             p.fresh = True

@@ -30,10 +30,13 @@ RECORD = "replay.parquet"
 
 def draw(cfg: RunConfig, own: list[pd.DataFrame]) -> pd.DataFrame:
     """The replayed pairs of every stage: columns stage (1-based), objective, pair_id."""
+    from seqdpo.stage_settings import stage_settings
+
+    settings = stage_settings(cfg)
     rows = []
     for k in range(1, len(own)):
         pool = pd.concat(own[:k], ignore_index=True).drop_duplicates(["objective", "pair_id"], ignore_index=True)
-        n = min(int(round(cfg.strategy.ratio * len(own[k]))), len(pool))
+        n = min(int(round(settings[k].strategy.ratio * len(own[k]))), len(pool))
         rng = np.random.default_rng([cfg.seed, k + 1])
         picked = pool.iloc[np.sort(rng.choice(len(pool), size=n, replace=False))]
         rows.append(picked.assign(stage=k + 1)[["stage", "objective", "pair_id"]])
@@ -54,8 +57,10 @@ def recorded(cfg: RunConfig, own: list[pd.DataFrame], out: Path, *, write: bool)
 
 
 def replay_stages(cfg: RunConfig, stage_objs: list[str], stage_sets: list[Dataset], own: list[pd.DataFrame], out: Path, *, write: bool):
+    from seqdpo.stage_settings import stage_config, stage_settings
     from seqdpo.strategies import StagePlan, optimizer_steps
 
+    settings = stage_settings(cfg)
     draws = recorded(cfg, own, out, write=write)
     plans = [StagePlan(stage_objs[0], stage_sets[0], own[0])]
     for k in range(1, len(stage_sets)):
@@ -64,12 +69,13 @@ def replay_stages(cfg: RunConfig, stage_objs: list[str], stage_sets: list[Datase
         for obj, pid in zip(picked.objective, picked.pair_id):
             rows.append(_locate(obj, pid, own[:k], k + 1))
         parts = [stage_sets[k]] + [stage_sets[j].select([r for jj, r in rows if jj == j]) for j in range(k) if any(jj == j for jj, _ in rows)]
-        requested = int(round(cfg.strategy.ratio * len(stage_sets[k])))
+        staged = stage_config(cfg, settings[k])  # this stage's ratio, match_steps and train settings
+        requested = int(round(staged.strategy.ratio * len(stage_sets[k])))
         info = {"replayed": len(rows), "replay_requested": requested, "replay_capped": requested - len(rows)}
         if info["replay_capped"] > 0:
             log.warning("stage %d: replay asks for %d earlier pairs, the earlier stages have only %d: capped", k + 1, requested, len(rows))
         pairs = pd.concat([own[k], *[own[j].iloc[[r for jj, r in rows if jj == j]] for j in range(k)]], ignore_index=True)
-        steps = optimizer_steps(cfg, len(stage_sets[k])) if cfg.strategy.match_steps else None
+        steps = optimizer_steps(staged, len(stage_sets[k])) if staged.strategy.match_steps else None
         plans.append(StagePlan(stage_objs[k], concatenate_datasets(parts), pairs, max_steps=steps, info=info))
     return plans
 
