@@ -23,11 +23,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from seqdpo.config import ConfigError, RunConfig, signature, validate
+from seqdpo.config import ConfigError, RunConfig, signature
 from seqdpo.data import DataError
 from seqdpo.diskfull import disk_full, disk_full_message
-from seqdpo.jobdir import OutputDirTaken, check_output_dir, claim_output_dir
-from seqdpo.joblock import OutputDirBusy, job_lock
+from seqdpo.distributed import is_main_process
+from seqdpo.job.directory import OutputDirTaken, check_output_dir, claim_output_dir
+from seqdpo.job.lock import OutputDirBusy, job_lock
 
 log = logging.getLogger("seqdpo")
 
@@ -79,13 +80,16 @@ def main(cfg: DictConfig) -> dict:
     try:
         _refuse_sweep_without_multirun(hc)
         run_cfg: RunConfig = OmegaConf.to_object(cfg)
+        # validation reads the loss and packing registries, which import torch: loaded once a config is composed
+        from seqdpo.validation import validate
+
         validate(run_cfg)
         group = None
         if hc.mode == RunMode.MULTIRUN:
             group = os.path.basename(os.path.normpath(hc.sweep.dir))
         from seqdpo.cluster import export_ddp_env
-        from seqdpo.joblog import config_summary, log_result, quiet_libraries
-        from seqdpo.runner import is_main_process, run_job  # heavy imports (torch, trl) only once the config is valid
+        from seqdpo.job.log import config_summary, log_result, quiet_libraries
+        from seqdpo.runner import run_job  # heavy imports (torch, trl) only once the config is valid
 
         export_ddp_env()  # SLURM job with tasks_per_node > 1: one DDP rank per task (conf/hydra/launcher/slurm_ddp.yaml)
         out = Path(hc.runtime.output_dir)
@@ -163,7 +167,7 @@ def unknown_override_hints(args: list[str]) -> list[str]:
     as well: this names the key that was probably meant."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from seqdpo.config import is_schema_key, key_hint
+    from seqdpo.validation import is_schema_key, key_hint  # imports torch (see main): only on this error path
 
     # Hydra's own keys and the config groups that are not schema keys (experiment=...) are Hydra's to judge
     elsewhere = {"hydra", *(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir() and not is_schema_key(p.name))}

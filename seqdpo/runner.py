@@ -5,7 +5,7 @@
 The job is resumable at two levels, so nothing is lost on a crash or a SLURM requeue: a stage whose
 `stage_<k>/DONE` exists is skipped (its adapter is reloaded), and a stage interrupted midway resumes
 from the newest Trainer checkpoint in `stage_<k>/checkpoints/`. A directory holding another config's
-results is refused rather than mixed (see `seqdpo.jobdir`). The layout is in docs/DESIGN.md.
+results is refused rather than mixed (see `seqdpo.job.directory`). The layout is in docs/DESIGN.md.
 """
 
 from __future__ import annotations
@@ -16,29 +16,52 @@ import os
 import shutil
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from transformers import TrainerCallback
+from peft import get_peft_model, load_peft_weights, set_peft_model_state_dict
+from transformers import TrainerCallback, set_seed
 
 from seqdpo import config as C
+from seqdpo.analysis.diagnostics import grad_cosine_rows, report_tables, wandb_payload
+from seqdpo.analysis.intervals import job_intervals
+from seqdpo.analysis.recorder import DiagnosticsRecorder
+from seqdpo.behaviour.generate import reset_base_generation_counts
+from seqdpo.behaviour.stage import BehaviourEval
 from seqdpo.config import RunConfig
+from seqdpo.data import build_objectives
+from seqdpo.data.accounting import prepare_pairs
+from seqdpo.distributed import is_main_process
+from seqdpo.evaluation import evaluate_base, evaluate_stage, summarize
 from seqdpo.filemodes import follow_umask
-from seqdpo.jobdir import check_output_dir, claim_output_dir, clear_job_results
-from seqdpo.joblock import job_lock
-from seqdpo.resume import latest_intact_checkpoint, read_trained, stage_train_loss, trainer_state_step, write_trained
+from seqdpo.job.directory import check_output_dir, claim_output_dir, clear_job_results
+from seqdpo.job.lock import job_lock
+from seqdpo.job.log import StageClock
+from seqdpo.job.resume import latest_intact_checkpoint, read_trained, stage_train_loss, trainer_state_step, write_trained
+from seqdpo.job.status import JobStatus, read_status, stop_on_sigterm, where
+from seqdpo.logprobs import dataset_logps
+from seqdpo.modeling import check_target_modules, load_model, load_tokenizer, make_lora_config, model_fingerprint
+from seqdpo.partition import partition_stages
+from seqdpo.refcache import ref_forward_counts, reference_logps, reset_ref_forward_counts, with_reference_columns
+from seqdpo.report import job_plots
+from seqdpo.stage_settings import stage_config, stage_settings
+from seqdpo.stage_signature import current_environment, describe, stage_signatures
+from seqdpo.stage_store import StageStore, default_store_dir
+from seqdpo.strategies import plan_stages, summary
+from seqdpo.strategies.anchor import build_penalty
+from seqdpo.strategies.merge import merge_into_default
+from seqdpo.tracking import Tracker
+from seqdpo.trainer import SeqDPOTrainer, make_dpo_config
+from seqdpo.wandb_keys import eval_row, transfer_summary
 
 log = logging.getLogger("seqdpo")
 
 
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def run_job(cfg: RunConfig, out_dir: str, *, group: str | None = None) -> dict:
-    """Runs the job holding the directory's lock (seqdpo.joblock): one live job per directory."""
+    """Runs the job holding the directory's lock (seqdpo.job.lock): one live job per directory."""
     out = Path(out_dir)
     if not is_main_process():  # DDP: rank 0 holds the lock and writes; the other ranks only read
         out.mkdir(parents=True, exist_ok=True)
@@ -52,8 +75,6 @@ def run_job(cfg: RunConfig, out_dir: str, *, group: str | None = None) -> dict:
 
 
 def _run_job(cfg: RunConfig, out: Path, group: str | None) -> dict:
-    from seqdpo.jobstatus import JobStatus, read_status, stop_on_sigterm, where
-
     sig = C.signature(cfg)
     # A rerun of a finished job (every stage DONE) adds nothing its W&B run lacks: it opens none.
     finished = (read_status(out) or {}).get("state") == "done" and all(
@@ -65,7 +86,6 @@ def _run_job(cfg: RunConfig, out: Path, group: str | None) -> dict:
     status.reserve_space()
     status.set("running")
     status.start_heartbeat()
-    from seqdpo.tracking import Tracker
 
     tracker = None
     try:
@@ -103,20 +123,6 @@ def _run_job(cfg: RunConfig, out: Path, group: str | None) -> dict:
 
 
 def _run_stages(cfg: RunConfig, out: Path, tracker, status) -> dict:
-    from peft import get_peft_model
-    from transformers import set_seed
-
-    from seqdpo.data import build_objectives
-    from seqdpo.data.accounting import prepare_pairs
-    from seqdpo.evaluation import evaluate_base, evaluate_stage
-    from seqdpo.joblog import StageClock
-    from seqdpo.modeling import check_target_modules, load_model, load_tokenizer, make_lora_config, model_fingerprint
-    from seqdpo.refcache import reset_ref_forward_counts
-    from seqdpo.stage_settings import stage_config, stage_settings
-    from seqdpo.stage_signature import current_environment, describe, stage_signatures
-    from seqdpo.strategies import plan_stages
-    from seqdpo.strategies.merge import merge_into_default
-
     reset_ref_forward_counts()  # per job, also when a multirun runs several jobs in one process
     set_seed(cfg.seed)
     stage_objs = C.stage_objectives(cfg)
@@ -230,10 +236,6 @@ def _run_stages(cfg: RunConfig, out: Path, tracker, status) -> dict:
 def _write_results(cfg: RunConfig, out: Path, tracker, stage_names, objectives, refs, recorder, plan, accounting,
                    behaviour=None, store=(None, ())) -> dict:
     """The job-level files (pairs.parquet, matrix.json, diagnostics.json) and their W&B counterparts."""
-    from seqdpo.analysis.intervals import job_intervals
-    from seqdpo.evaluation import summarize
-    from seqdpo.strategies import summary
-
     pairs = pd.concat([pd.read_parquet(out / f"stage_{k}" / "pairs.parquet") for k in range(len(stage_names))])
     matrix = summarize(pairs, stage_names, objectives, cfg.beta)
     matrix.update(job_intervals(pairs, matrix, n_boot=cfg.eval.bootstrap, seed=cfg.seed,
@@ -254,17 +256,12 @@ def _write_results(cfg: RunConfig, out: Path, tracker, stage_names, objectives, 
         job_diag["pairs"] = accounting
         (out / "diagnostics.json").write_text(json.dumps(job_diag, indent=1, default=float))
     if tracker is not None:
-        from seqdpo.analysis.diagnostics import report_tables
-        from seqdpo.report import job_plots
-
         tracker.log_matrix(matrix)
         tracker.summary(_store_summary(matrix["stage_store"]))
         tracker.summary({"reference_forwards/" + k: v for k, v in matrix["reference_forwards"].items()})
         tracker.summary({f"strategy/stage{row['stage']}/{key}": v for row in matrix["strategy"]["stages"]
                          for key, v in row.items() if isinstance(v, (int, float)) and key != "stage"})
         if job_diag is not None:
-            from seqdpo.wandb_keys import transfer_summary
-
             tracker.summary(transfer_summary(job_diag.get("transfer") or {}))
             tracker.log_tables(report_tables(job_diag))
         tracker.log_images(job_plots(out))
@@ -279,7 +276,6 @@ def _finish_stage(sd: Path, pairs: pd.DataFrame, info: dict, tracker, k: int) ->
         return
     sd.mkdir(parents=True, exist_ok=True)
     pairs.to_parquet(sd / "pairs.parquet", index=False)
-    from seqdpo.wandb_keys import eval_row
 
     g = pairs.groupby("objective")
     row = eval_row(k, {"accuracy": g.accuracy.mean().to_dict(), "margin_mean": g.margin.mean().to_dict()})
@@ -293,9 +289,6 @@ def _finish_stage(sd: Path, pairs: pd.DataFrame, info: dict, tracker, k: int) ->
 
 
 def _train_stage(cfg, peft_model, tok, train_ds, sd: Path, k: int, tracker, recorder, stage, *, label: str) -> dict:
-    from seqdpo.strategies.anchor import build_penalty
-    from seqdpo.trainer import SeqDPOTrainer, make_dpo_config
-
     if is_main_process():  # which pairs this stage trains on (replay and joint mix objectives)
         sd.mkdir(parents=True, exist_ok=True)
         stage.pairs.to_parquet(sd / "train_pairs.parquet", index=False)
@@ -341,8 +334,6 @@ def _train_stage(cfg, peft_model, tok, train_ds, sd: Path, k: int, tracker, reco
 def _log_stage_diagnostics(tracker, k: int, diag: dict) -> None:
     if tracker is None:
         return
-    from seqdpo.analysis.diagnostics import grad_cosine_rows, wandb_payload
-
     tracker.summary({f"stage{k}/{key}": v for key, v in wandb_payload(diag).items()})
     tracker.series("grad_cosine", "progress", grad_cosine_rows(diag))
 
@@ -355,8 +346,6 @@ def _stage_store(cfg: RunConfig):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         log.info("stage store off: a DDP job trains every stage itself")
         return None
-    from seqdpo.stage_store import StageStore, default_store_dir
-
     return StageStore(cfg.stage_store_dir or default_store_dir(cfg.ref_cache_dir))
 
 
@@ -412,8 +401,6 @@ class _CheckpointModes(TrainerCallback):
 
 
 def _load_adapter(peft_model, folder: Path) -> None:
-    from peft import load_peft_weights, set_peft_model_state_dict
-
     device = next(peft_model.parameters()).device
     set_peft_model_state_dict(peft_model, load_peft_weights(str(folder), device=str(device)))
 
@@ -427,8 +414,6 @@ class _ReferenceSource:
         self.current_pairs = 0
 
     def with_base(self, ds, *, batch_size: int):
-        from seqdpo.refcache import reference_logps, with_reference_columns
-
         lp = reference_logps(
             self.model, ds, fingerprint=self.fingerprint, cache_dir=self.cache_dir, batch_size=batch_size,
             max_length=self.cfg.model.max_length, packing=self.cfg.model.packing,
@@ -437,9 +422,6 @@ class _ReferenceSource:
 
     def with_current(self, ds, path: Path, *, batch_size: int):
         """The model as it stands now; saved beside the stage so a requeued stage reuses the same numbers."""
-        from seqdpo.logprobs import dataset_logps
-        from seqdpo.refcache import with_reference_columns
-
         if path.exists():
             lp = dict(np.load(path))
         else:
@@ -454,8 +436,6 @@ class _ReferenceSource:
         return with_reference_columns(ds, lp)
 
     def counter(self) -> dict:
-        from seqdpo.refcache import ref_forward_counts
-
         return {**ref_forward_counts(), "previous_stage_pairs": self.current_pairs}
 
 
@@ -465,8 +445,6 @@ def _stage_train_sets(cfg: RunConfig, stage_objs: list[str], train_tok: dict, re
     The base reference is attached to the whole sets before they are split: the cache is keyed on a
     set's rows, so each chunk would otherwise miss it and pay a second forward over the same pairs.
     """
-    from seqdpo.partition import partition_stages
-
     if cfg.reference == "base" or cfg.order.partition == "easy_to_hard":
         train_tok = {n: refs.with_base(train_tok[n], batch_size=cfg.eval.batch_size) for n in dict.fromkeys(stage_objs)}
     base_margins = None
@@ -483,7 +461,6 @@ def _diagnostics_recorder(cfg: RunConfig, out: Path, eval_tok: dict, train_tok: 
     d = cfg.diagnostics
     if not (d.grad_cosine or d.adapter_movement or d.likelihood):
         return None
-    from seqdpo.analysis.diagnostics import DiagnosticsRecorder
 
     probes = None
     if d.grad_cosine and d.probe_source == "train":
@@ -501,10 +478,6 @@ def _diagnostics_recorder(cfg: RunConfig, out: Path, eval_tok: dict, train_tok: 
 def _behaviour_eval(cfg: RunConfig, out: Path, tok, objectives, prepared, peft_model, fingerprint: str, tracker):
     if not cfg.eval.generate:
         return None
-    from dataclasses import replace
-
-    from seqdpo.behaviour.generate import reset_base_generation_counts
-    from seqdpo.behaviour.stage import BehaviourEval
 
     reset_base_generation_counts()
     # the job's pairs, not the builder's whole splits: what the policy trained on and what it is scored on

@@ -131,30 +131,3 @@ def stage_config(cfg: RunConfig, settings: StageSettings) -> RunConfig:
     """`cfg` with a stage's settings in place of the global ones: what the trainer and the strategies read."""
     return replace(cfg, lr=settings.lr, beta=settings.beta, loss=settings.loss, train=settings.train,
                    strategy=settings.strategy)
-
-
-def check_stage_overrides(cfg: RunConfig) -> None:
-    """ConfigError, naming the full key, on a position, key or value a stage cannot take."""
-    from seqdpo.config import _ranges, _validate_strategy
-    from seqdpo.losses import check_loss_config
-
-    all_settings = stage_settings(cfg)
-    if cfg.strategy.name == "anchor" and cfg.strategy.penalty == "ewc":
-        strengths = [s.strategy.strength for s in all_settings]
-        for i in range(1, len(strengths)):  # stage i + 1 computes the Fisher of stage i, which later stages read
-            if strengths[i] == 0 and any(strengths[i + 1:]):
-                raise ConfigError(f"{PREFIX}.{i + 1}.strategy.strength",
-                                  f"0 skips the EWC Fisher of stage {i}, computed when stage {i + 1} starts, which "
-                                  "the later anchored stages read; use a small strength instead")
-    for k, settings in enumerate(all_settings, start=1):
-        if not settings.overridden:
-            continue
-        staged = stage_config(cfg, settings)
-        try:
-            check_loss_config(staged.loss, staged.beta)
-            for key, value, rule, ok in _ranges(staged):  # the global values passed validate(): an override fails
-                if not ok:
-                    raise ConfigError(key, f"must be {rule}, got {value!r}")
-            _validate_strategy(staged)
-        except ConfigError as e:
-            raise ConfigError(f"{PREFIX}.{k}.{e.key}", str(e).split(": ", 1)[1]) from None

@@ -20,7 +20,8 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from seqdpo.jobstatus import observed_state, read_status, where
+from seqdpo.job.status import observed_state, read_status, where
+from seqdpo.report.jobs import find_job_dirs, over_warn_fraction
 
 
 def _duration(job: Path, status: dict, state: str) -> str:
@@ -45,16 +46,6 @@ def last_line(text: str) -> str:
     return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "")
 
 
-def over_warn_fraction(table: dict, config: dict) -> list[str]:
-    """The splits of a finished job's pair table (matrix.json "pairs", seqdpo.data.accounting) that lost more
-    than the job's `dataset.warn_fraction` to `model.max_length`, in words: ['a/train 100% (16 of 16)']."""
-    limit = (config.get("dataset") or {}).get("warn_fraction", 0.05)
-    return [f"{objective}/{split} {100 * a['lost_fraction']:.0f}% "
-            f"({round(a['lost_fraction'] * a['tokenized'])} of {a['tokenized']})"
-            for objective, splits in (table or {}).items() for split, a in splits.items()
-            if a.get("lost_fraction", 0) > limit]
-
-
 def _pair_losses(job: Path) -> list[str]:
     try:
         table = json.loads((job / "matrix.json").read_text()).get("pairs")
@@ -73,8 +64,6 @@ def _stage_sources(job: Path) -> list[dict]:
 
 
 def sweep_summary(sweep: Path) -> str:
-    from seqdpo.report.jobs import find_job_dirs
-
     jobs = find_job_dirs(sweep) if sweep.is_dir() else []
     counts: dict[str, int] = {}
     lines = []
@@ -119,10 +108,6 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.sweep = Path(str(config.hydra.sweep.dir)).absolute()
-        # Imported now, not in the exit hook: at interpreter exit pandas (under seqdpo.report) can no longer
-        # register its own atexit hooks, and a failed sweep's summary died with that import.
-        import seqdpo.report.jobs  # noqa: F401
-
         atexit.register(self._print)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

@@ -20,7 +20,7 @@ listed, and nothing is uploaded, unless `--allow-duplicate-ids`.
 Runs whose job is still running (status.json says "running") are left for a later call unless
 `--include-running`, because a partial upload cannot be completed later by the same call. A job whose
 status says running but that is gone (killed without a word: its heartbeat is stale, or its process
-is gone on this host; seqdpo/jobstatus.py) is `lost`: what it logged is uploaded.
+is gone on this host; seqdpo/job/status.py) is `lost`: what it logged is uploaded.
 
 Before uploading, the W&B server (`WANDB_BASE_URL` or wandb's settings) must answer within
 `--connect-timeout` seconds; `wandb sync` itself would otherwise wait at "setting up run" for as long as
@@ -42,7 +42,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from seqdpo.jobstatus import lost_reason, read_status
+from seqdpo.job.status import lost_reason, read_status
 
 UNREACHABLE = 75  # EX_TEMPFAIL: nothing was uploaded, a later call may succeed
 

@@ -26,7 +26,7 @@ from seqdpo.config import LossConfig, RunConfig
 from seqdpo.logprobs import PairCollator, sequence_logps
 from seqdpo.losses import PairLogps, compute_loss
 from seqdpo.packing import DEFAULT_PACKING
-from seqdpo.progress import StageProgress
+from seqdpo.job.progress import StageProgress
 
 log = logging.getLogger("seqdpo")
 SEEN_FILE = "seqdpo_seen.json"  # in each checkpoint: what the stage trained on up to it
@@ -90,7 +90,7 @@ class SeqDPOTrainer(DPOTrainer):
             ),
             callbacks=callbacks,
         )
-        # One labelled bar per stage and compact metric lines in the job log (seqdpo.progress)
+        # One labelled bar per stage and compact metric lines in the job log (seqdpo.job.progress)
         self.remove_callback(ProgressCallback)
         self.remove_callback(PrinterCallback)
         self.add_callback(StageProgress(label))
@@ -134,7 +134,7 @@ class SeqDPOTrainer(DPOTrainer):
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _save_checkpoint(self, model, trial):
-        # Before the Trainer's files: a checkpoint complete by seqdpo.resume's test also holds this one
+        # Before the Trainer's files: a checkpoint complete by seqdpo.job.resume's test also holds this one
         if self.args.should_save:
             folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
             folder.mkdir(parents=True, exist_ok=True)

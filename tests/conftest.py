@@ -46,7 +46,7 @@ def run_config(overrides=()):
     """Composed and converted to the typed RunConfig, as seqdpo.app does."""
     from omegaconf import OmegaConf
 
-    from seqdpo.config import validate
+    from seqdpo.validation import validate
 
     cfg = OmegaConf.to_object(compose(overrides))
     validate(cfg)

@@ -13,7 +13,8 @@ from seqdpo.analysis import likelihood as L
 from seqdpo.analysis import movement as M
 from seqdpo.analysis import pairs as P
 from seqdpo.analysis import transfer as T
-from seqdpo.analysis.diagnostics import DiagnosticsRecorder, job_analysis, report_tables, wandb_payload
+from seqdpo.analysis.diagnostics import job_analysis, report_tables, wandb_payload
+from seqdpo.analysis.recorder import DiagnosticsRecorder
 
 # ---------------------------------------------------------------------------------------- transfer
 

@@ -4,7 +4,8 @@ import pytest
 
 from conftest import run_config
 from test_config import BAD_CONFIGS
-from seqdpo.config import ConfigError, _schema_keys
+from seqdpo.config import ConfigError
+from seqdpo.validation import _schema_keys
 
 # (override, key named by the error, words of the message). One row per key that a type cannot guard.
 BAD_VALUES = [

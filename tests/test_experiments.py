@@ -16,7 +16,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf, open_dict
 
 import seqdpo.app  # noqa: F401  (registers the run_schema node and the seqdpo_dirname resolver)
-from seqdpo.config import RunConfig, stage_objectives, validate
+from seqdpo.config import RunConfig, stage_objectives
+from seqdpo.validation import validate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))

@@ -243,12 +243,12 @@ def test_offline_hub_is_one_error_line_naming_dataset_path(tmp_path):
 @pytest.mark.slow
 def test_data_errors_come_before_the_model_loads(tmp_path, monkeypatch):
     """model.max_length=8 empties every split: was a bare StopIteration in stage 2, after the model loaded."""
-    import seqdpo.modeling
+    import seqdpo.runner
     from seqdpo.runner import run_job
 
     loaded = []
-    real = seqdpo.modeling.load_model
-    monkeypatch.setattr(seqdpo.modeling, "load_model", lambda *a, **k: loaded.append(1) or real(*a, **k))
+    real = seqdpo.runner.load_model
+    monkeypatch.setattr(seqdpo.runner, "load_model", lambda *a, **k: loaded.append(1) or real(*a, **k))
     cfg = run_config(["model.max_length=8", "logger=none", f"ref_cache_dir={tmp_path / 'cache'}"])
     with pytest.raises(DataError, match=r"objective 'polite', train split: 0 pairs left.*model.max_length=8"):
         run_job(cfg, str(tmp_path / "run"))

@@ -87,7 +87,7 @@ def _snapshot(folder):
 @pytest.fixture(scope="module")
 def stops(tmp_path_factory):
     """Runs the six starts; returns what each left behind for the tests below."""
-    from seqdpo.jobstatus import observed_state
+    from seqdpo.job.status import observed_state
     from seqdpo.report.jobs import load_job
     from seqdpo.sync import find_offline_runs
 

@@ -12,7 +12,7 @@ def check_behaviour_config(cfg: RunConfig) -> None:
     from seqdpo.behaviour.scorers import SCORERS
 
     t = cfg.model.tiny
-    if t.warm_start and cfg.model.name != "tiny":  # steps and lr > 0: config._ranges
+    if t.warm_start and cfg.model.name != "tiny":  # steps and lr > 0: validation._ranges
         raise ConfigError("model.tiny.warm_start", f"warms up the embedded tiny model only, not '{cfg.model.name}'")
     if not cfg.eval.generate:
         return

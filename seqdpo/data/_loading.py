@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from seqdpo.data import PAIR_COLUMNS, DataError, Objective
+from seqdpo.data.registry import PAIR_COLUMNS, DataError, Objective
 
 log = logging.getLogger(__name__)
 

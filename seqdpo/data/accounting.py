@@ -30,7 +30,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-from seqdpo.data import DataError, Objective
+from seqdpo.data.registry import DataError, Objective
 
 if TYPE_CHECKING:
     from seqdpo.config import DatasetConfig

@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 import re
 
-from seqdpo.data import DatasetSpec, Objective, register
+from seqdpo.data.registry import DatasetSpec, Objective, register
 from seqdpo.data._loading import (
     Layout,
     PairSet,

@@ -22,7 +22,7 @@ concatenates them).
 
 from __future__ import annotations
 
-from seqdpo.data import DatasetSpec, Objective, register
+from seqdpo.data.registry import DatasetSpec, Objective, register
 from seqdpo.data._loading import (
     Layout,
     PairSet,

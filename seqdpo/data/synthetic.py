@@ -40,7 +40,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from seqdpo.data import DataError, DatasetSpec, Objective, register
+from seqdpo.data.registry import DataError, DatasetSpec, Objective, register
 
 TOPICS = ["apples", "rivers", "engines", "stars", "bread", "chess", "clouds", "music", "bridges", "tea"]
 FILLER = ["it", "is", "a", "thing", "that", "many", "people", "know", "about", "and", "like"]

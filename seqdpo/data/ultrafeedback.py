@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 
-from seqdpo.data import DataError, DatasetSpec, Objective, register
+from seqdpo.data.registry import DataError, DatasetSpec, Objective, register
 from seqdpo.data._loading import (
     Layout,
     PairSet,

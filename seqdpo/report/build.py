@@ -13,7 +13,7 @@ from seqdpo.report.behaviour import behaviour_seeds_section, behaviour_section, 
 from seqdpo.report.contrasts import answers, contrast_rows
 from seqdpo.report.doc import Doc
 from seqdpo.report.grouping import duplicates, setting_label, slug
-from seqdpo.report.jobs import FACTORS, SETTING, Job, find_job_dirs, load_job
+from seqdpo.report.jobs import FACTORS, SETTING, Job, find_job_dirs, load_job, over_warn_fraction
 from seqdpo.report.grad_trace import plot_grad_cosine_trace
 from seqdpo.report.mitigations import add_section as add_mitigations
 from seqdpo.report.plots import plot_forgetting_by_order, plot_grad_cosine, plot_heatmaps, plot_quartiles, plot_scatter
@@ -39,7 +39,6 @@ from seqdpo.report.tables import (
     verdicts_side_by_side,
     verdicts_table,
 )
-from seqdpo.sweep_end import over_warn_fraction
 
 
 def build_report(root: Path, out: Path, html_too: bool = False) -> dict[str, Any]:

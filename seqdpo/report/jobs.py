@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 
 from seqdpo.evaluation import summarize
-from seqdpo.jobstatus import lost_reason, observed_state
+from seqdpo.job.status import lost_reason, observed_state
 from seqdpo.strategies import label as strategy_label
 
 # data_options: the dataset's builder options (e.g. the synthetic world's relation), so jobs that differ
@@ -207,3 +207,13 @@ def job_bootstrap(job: Job, seed: int | None = None):
 
 
 # ------------------------------------------------------------------------------------------- tables
+
+
+def over_warn_fraction(table: dict, config: dict) -> list[str]:
+    """The splits of a finished job's pair table (matrix.json "pairs", seqdpo.data.accounting) that lost more
+    than the job's `dataset.warn_fraction` to `model.max_length`, in words: ['a/train 100% (16 of 16)']."""
+    limit = (config.get("dataset") or {}).get("warn_fraction", 0.05)
+    return [f"{objective}/{split} {100 * a['lost_fraction']:.0f}% "
+            f"({round(a['lost_fraction'] * a['tokenized'])} of {a['tokenized']})"
+            for objective, splits in (table or {}).items() for split, a in splits.items()
+            if a.get("lost_fraction", 0) > limit]

@@ -21,15 +21,16 @@ Every trained stage records the pairs it trained on in stage_<k>/train_pairs.par
 from __future__ import annotations
 
 import logging
-import math
-import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from seqdpo.config import STRATEGY_KEYS, RunConfig
+from seqdpo.stage_settings import stage_settings
+from seqdpo.strategies.stage_plan import StagePlan, optimizer_steps
+
+__all__ = ["StagePlan", "label", "optimizer_steps", "plan_stages", "row_names", "summary"]
 
 if TYPE_CHECKING:  # the report imports this module for its names; datasets is heavy
     from datasets import Dataset
@@ -59,34 +60,8 @@ def label(strategy: dict | None) -> str:
     return " ".join([name, *(f"{k}={v}" for k, v in shown.items())])
 
 
-@dataclass
-class StagePlan:
-    name: str  # the matrix row: the objective trained, `joint` or `merged`
-    train: Dataset | None  # the pairs it trains on; None: no training (the merged row)
-    pairs: pd.DataFrame | None = None  # objective, pair_id of each row of `train`
-    fresh: bool = False  # starts from adapter_init instead of the previous stage's adapter
-    max_steps: int | None = None  # overrides train.max_steps
-    anchor_sets: list[Dataset] = field(default_factory=list)  # anchor: each earlier stage's pairs (its EWC Fisher's data)
-    merge: tuple[int, ...] = ()  # merged row: the stages whose adapters combine
-    info: dict = field(default_factory=dict)  # counts shown in DONE, the log, matrix.json and W&B
-
-    @property
-    def anchored(self) -> bool:
-        return bool(self.anchor_sets)
-
-
 def _pairs(objective: str, ds: Dataset) -> pd.DataFrame:
     return pd.DataFrame({"objective": objective, "pair_id": list(ds["pair_id"])})
-
-
-def optimizer_steps(cfg: RunConfig, n_pairs: int) -> int:
-    """The optimizer steps a sequential stage takes on `n_pairs` pairs (transformers' Trainer:
-    set_initial_training_values, with the dataloader split over WORLD_SIZE processes)."""
-    t = cfg.train
-    if t.max_steps > 0:
-        return t.max_steps
-    batches = math.ceil(n_pairs / (t.batch_size * int(os.environ.get("WORLD_SIZE", "1"))))
-    return math.ceil(t.epochs * max(math.ceil(batches / t.grad_accum), 1))
 
 
 def plan_stages(cfg: RunConfig, stage_objs: list[str], stage_sets: list[Dataset], out: Path, *, write: bool) -> list[StagePlan]:
@@ -119,8 +94,6 @@ def plan_stages(cfg: RunConfig, stage_objs: list[str], stage_sets: list[Dataset]
         return replay_stages(cfg, stage_objs, stage_sets, own, out, write=write)
     plans = [StagePlan(o, ds, p) for o, ds, p in zip(stage_objs, stage_sets, own)]
     if s.name == "anchor":
-        from seqdpo.stage_settings import stage_settings
-
         for k, settings in enumerate(stage_settings(cfg)[1:], start=1):
             if settings.strategy.strength > 0:  # at 0 the stage is sequential's (order.stage_overrides may set it)
                 plans[k].anchor_sets = stage_sets[:k]

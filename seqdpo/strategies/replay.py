@@ -23,6 +23,8 @@ import pandas as pd
 from datasets import Dataset, concatenate_datasets
 
 from seqdpo.config import RunConfig
+from seqdpo.stage_settings import stage_config, stage_settings
+from seqdpo.strategies.stage_plan import StagePlan, optimizer_steps
 
 log = logging.getLogger("seqdpo")
 RECORD = "replay.parquet"
@@ -30,8 +32,6 @@ RECORD = "replay.parquet"
 
 def draw(cfg: RunConfig, own: list[pd.DataFrame]) -> pd.DataFrame:
     """The replayed pairs of every stage: columns stage (1-based), objective, pair_id."""
-    from seqdpo.stage_settings import stage_settings
-
     settings = stage_settings(cfg)
     rows = []
     for k in range(1, len(own)):
@@ -57,9 +57,6 @@ def recorded(cfg: RunConfig, own: list[pd.DataFrame], out: Path, *, write: bool)
 
 
 def replay_stages(cfg: RunConfig, stage_objs: list[str], stage_sets: list[Dataset], own: list[pd.DataFrame], out: Path, *, write: bool):
-    from seqdpo.stage_settings import stage_config, stage_settings
-    from seqdpo.strategies import StagePlan, optimizer_steps
-
     settings = stage_settings(cfg)
     draws = recorded(cfg, own, out, write=write)
     plans = [StagePlan(stage_objs[0], stage_sets[0], own[0])]

@@ -13,7 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from seqdpo.config import RunConfig, to_dict
-from seqdpo.joblog import flat_items
+from seqdpo.job.log import flat_items
 
 
 class OutputDirTaken(RuntimeError):

@@ -6,7 +6,7 @@ TRL's training metrics as compact lines, and the result matrices. The console di
 log lines are written through tqdm (a progress bar is redrawn below them instead of being torn), and
 tracebacks stay out of it (Hydra prints a failing job's traceback itself; the file keeps them all).
 
-The console shows one progress bar per training stage (`seqdpo.progress`), labelled "stage 2/2:
+The console shows one progress bar per training stage (`seqdpo.job.progress`), labelled "stage 2/2:
 factual" with its ETA; evaluation bars vanish once done; the datasets library's internal bars (Map,
 Filter, Flattening the indices) are switched off and transformers' warnings go to the log instead of
 a handler of its own.

@@ -9,7 +9,7 @@ from __future__ import annotations
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from seqdpo.joblog import format_metrics, log
+from seqdpo.job.log import format_metrics, log
 
 
 class StageProgress(TrainerCallback):
