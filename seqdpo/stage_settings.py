@@ -79,6 +79,15 @@ def _optional(cls, name: str) -> bool:
     return type(None) in typing.get_args(typing.get_type_hints(cls)[name])
 
 
+def _not_per_stage(key: str, strategy: str, known: list[str]) -> str:
+    if key.startswith("strategy."):
+        knobs = STRATEGY_STAGE_KEYS.get(strategy, ())
+        return f"'{key}' is not a per-stage knob of strategy '{strategy}' (those are: {list(knobs) or 'none'})"
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return f"'{key}' cannot be set per stage; {hint}per-stage keys: {known}"
+
+
 def stage_settings(cfg: RunConfig) -> list[StageSettings]:
     """One StageSettings per entry of `order.stages`; raises ConfigError on an unknown position or key."""
     n = len(cfg.order.stages)
@@ -103,14 +112,7 @@ def stage_settings(cfg: RunConfig) -> list[StageSettings]:
         for key, value in given:
             where = f"{PREFIX}.{k}.{key}"
             if key not in known:
-                close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-                if key.startswith("strategy.") and key.split(".", 1)[1] in {
-                        *(f.name for f in dataclasses.fields(StrategyConfig))}:
-                    acts = STRATEGY_STAGE_KEYS.get(cfg.strategy.name, ())
-                    raise ConfigError(where, f"strategy '{cfg.strategy.name}' has no per-stage knob '{key}' "
-                                             f"(per stage: {list(acts) or 'none'}); set it globally")
-                hint = f"did you mean '{close[0]}'? " if close else ""
-                raise ConfigError(where, f"'{key}' cannot be set per stage; {hint}per-stage keys: {known}")
+                raise ConfigError(where, _not_per_stage(key, cfg.strategy.name, known))
             if key.startswith("strategy.") and k == 1:
                 raise ConfigError(where, f"strategy '{cfg.strategy.name}' acts from stage 2 on; stage 1 trains "
                                          "as in sequential")
