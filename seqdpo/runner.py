@@ -48,8 +48,7 @@ from seqdpo.partition import partition_stages
 from seqdpo.refcache import ref_forward_counts, reference_logps, reset_ref_forward_counts, with_reference_columns
 from seqdpo.report import job_plots
 from seqdpo.stage_settings import stage_config, stage_settings
-from seqdpo.stage_signature import current_environment, describe, stage_signatures
-from seqdpo.stage_store import StageStore, default_store_dir
+from seqdpo.stage_sharing import StageSharing, sources_line, summary_keys
 from seqdpo.strategies import plan_stages, summary
 from seqdpo.strategies.anchor import build_penalty
 from seqdpo.strategies.merge import merge_into_default
@@ -164,8 +163,7 @@ def _run_stages(cfg: RunConfig, out: Path, tracker, status) -> dict:
 
     clock = StageClock(stage_names)
     settings = stage_settings(cfg)  # one per entry of order.stages (joint trains them as one stage)
-    sharing = _stage_store(cfg)
-    signatures = stage_signatures(cfg, current_environment())
+    sharing = StageSharing.for_job(cfg)
     if not (out / "stage_0" / "DONE").exists():
         status.set("running", stage=0)
         clock.start(0, "evaluating the base model")
@@ -216,12 +214,9 @@ def _run_stages(cfg: RunConfig, out: Path, tracker, status) -> dict:
             _finish_stage(sd, pairs, {**stage.info, **info, **behave(k, sd)}, tracker, k)
             clock.end(k, pairs)
 
-        if sharing is None or signatures[k - 1] is None:
-            train_and_evaluate()
-        elif sharing.run_or_take(signatures[k - 1], sd, clock.label(k), train_and_evaluate,
-                                 {"stage": k, "name": stage.name, "job": describe(cfg)}):
+        if sharing.run(k, stage.name, sd, clock.label(k), train_and_evaluate):
             _load_adapter(peft_model, sd / "adapter")
-            log.info("%s taken from the stage store (%s), trained by %s", clock.label(k), signatures[k - 1],
+            log.info("%s taken from the stage store (%s), trained by %s", clock.label(k), sharing.signatures[k - 1],
                      json.loads((sd / "DONE").read_text())["stage_store"]["trained_by"])
             _log_taken_stage(tracker, sd, k)
 
@@ -230,11 +225,11 @@ def _run_stages(cfg: RunConfig, out: Path, tracker, status) -> dict:
         # is not synchronised across ranks), so other ranks stop here instead of reading them.
         return {"stages": stage_names, "rank": int(os.environ.get("RANK", "0"))}
     return _write_results(cfg, out, tracker, stage_names, list(objectives), refs, recorder, plan, prepared.table(),
-                          behaviour, (sharing, signatures))
+                          behaviour, sharing)
 
 
 def _write_results(cfg: RunConfig, out: Path, tracker, stage_names, objectives, refs, recorder, plan, accounting,
-                   behaviour=None, store=(None, ())) -> dict:
+                   behaviour, sharing: StageSharing) -> dict:
     """The job-level files (pairs.parquet, matrix.json, diagnostics.json) and their W&B counterparts."""
     pairs = pd.concat([pd.read_parquet(out / f"stage_{k}" / "pairs.parquet") for k in range(len(stage_names))])
     matrix = summarize(pairs, stage_names, objectives, cfg.beta)
@@ -247,8 +242,8 @@ def _write_results(cfg: RunConfig, out: Path, tracker, stage_names, objectives, 
     if behaviour is not None:
         matrix["behaviour"] = behaviour.summary(stage_names)
     matrix["pairs"] = accounting  # seqdpo.data.accounting: rows read, pairs built, dropped, truncated, kept
-    matrix["stage_store"] = _store_accounting(store, done)
-    log.info("stage store: %s", _store_line(matrix["stage_store"]))
+    matrix["stage_store"] = sharing.accounting(done)
+    log.info("stage store: %s", sources_line(matrix["stage_store"]))
     pairs.to_parquet(out / "pairs.parquet", index=False)
     (out / "matrix.json").write_text(json.dumps(matrix, indent=1))
     job_diag = recorder.finalize(pairs, matrix) if recorder is not None else None
@@ -257,7 +252,7 @@ def _write_results(cfg: RunConfig, out: Path, tracker, stage_names, objectives, 
         (out / "diagnostics.json").write_text(json.dumps(job_diag, indent=1, default=float))
     if tracker is not None:
         tracker.log_matrix(matrix)
-        tracker.summary(_store_summary(matrix["stage_store"]))
+        tracker.summary(summary_keys(matrix["stage_store"]))
         tracker.summary({"reference_forwards/" + k: v for k, v in matrix["reference_forwards"].items()})
         tracker.summary({f"strategy/stage{row['stage']}/{key}": v for row in matrix["strategy"]["stages"]
                          for key, v in row.items() if isinstance(v, (int, float)) and key != "stage"})
@@ -338,17 +333,6 @@ def _log_stage_diagnostics(tracker, k: int, diag: dict) -> None:
     tracker.series("grad_cosine", "progress", grad_cosine_rows(diag))
 
 
-def _stage_store(cfg: RunConfig):
-    """The stage store this job shares stages through, or None (stage_store=false, or DDP: every rank would have
-    to agree on each stage's source)."""
-    if not cfg.stage_store:
-        return None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        log.info("stage store off: a DDP job trains every stage itself")
-        return None
-    return StageStore(cfg.stage_store_dir or default_store_dir(cfg.ref_cache_dir))
-
-
 def _log_taken_stage(tracker, sd: Path, k: int) -> None:
     """What training and evaluating the stage would have logged to W&B, from its files."""
     if tracker is None:
@@ -363,33 +347,6 @@ def _log_taken_stage(tracker, sd: Path, k: int) -> None:
             tracker.log({f"{prefix}/step": row.get("step"), **{f"{prefix}/{key}": v for key, v in row.items() if key != "step"}})
     if (sd / "diagnostics.json").exists():
         _log_stage_diagnostics(tracker, k, json.loads((sd / "diagnostics.json").read_text()))
-
-
-def _store_accounting(store, done: list[dict]) -> dict:
-    """Which stages this job trained and which it took from the stage store (and from which signature)."""
-    sharing, signatures = store
-    rows = []
-    for k, (sig, d) in enumerate(zip(signatures, done), start=1):
-        taken = (d.get("stage_store") or {}).get("from")
-        rows.append({"stage": k, "signature": sig, "source": "merged" if sig is None else "store" if taken else "trained",
-                     **({"trained_by": d["stage_store"]["trained_by"]} if taken else {})})
-    return {"enabled": sharing is not None, "dir": None if sharing is None else str(sharing.root.resolve()), "stages": rows}
-
-
-def _store_line(accounting: dict) -> str:
-    """'stages 1 from the store, 2 trained' (what the log and the sweep's end say)."""
-    by_source = {}
-    for row in accounting["stages"]:
-        by_source.setdefault(row["source"], []).append(str(row["stage"]))
-    names = {"store": "from the store", "trained": "trained", "merged": "merged"}
-    line = ", ".join(f"stage{'s' if len(ks) > 1 else ''} {','.join(ks)} {names[src]}" for src, ks in by_source.items())
-    return line if accounting["enabled"] else f"off ({line})"
-
-
-def _store_summary(accounting: dict) -> dict:
-    sources = [row["source"] for row in accounting["stages"]]
-    return {"stage_store/trained": sources.count("trained"), "stage_store/from_store": sources.count("store"),
-            **{f"stage_store/stage{row['stage']}": row["source"] for row in accounting["stages"]}}
 
 
 class _CheckpointModes(TrainerCallback):

@@ -19,7 +19,8 @@ from conftest import REPO, run_config
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # nine tiny jobs and a two-job sweep
 
 TINY = ["dataset.n_train=8", "dataset.n_eval=4", "train.batch_size=4", "train.max_steps=3", "train.warmup_ratio=0",
-        "lr=5e-3", "diagnostics.grad_cosine_points=1", "diagnostics.probe_pairs=8", "eval.bootstrap=50"]
+        "train.logging_steps=1", "lr=5e-3", "diagnostics.grad_cosine_points=1", "diagnostics.probe_pairs=8",
+        "eval.bootstrap=50"]
 # What a process reports of itself, not of the results: the store's accounting and how many reference
 # log-probs this process computed rather than read from the shared cache.
 PROCESS_KEYS = ("stage_store", "reference_forwards")

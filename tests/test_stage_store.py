@@ -198,3 +198,29 @@ def test_a_job_that_fails_in_its_stage_publishes_nothing_and_frees_the_lock(tmp_
     ran = []
     assert store.run_or_take("sig", sd, "stage 1", lambda: ran.append(1), {}) is False and ran == [1]
     assert store.entry("sig") is not None
+
+
+# --- the account -----------------------------------------------------------------------------------
+
+
+def test_the_account_says_which_stages_were_trained_and_which_taken(tmp_path):
+    from seqdpo.stage_sharing import StageSharing, sources_line, summary_keys
+    from seqdpo.sweep_end import sweep_summary
+
+    sharing = StageSharing(StageStore(tmp_path / "store"), ["s1", "s2", None], {})
+    done = [{"stage_store": {"from": "s1", "trained_by": "/jobs/a"}}, {}, {}]
+    account = sharing.accounting(done)
+    assert [(r["source"], r.get("trained_by")) for r in account["stages"]] == [("store", "/jobs/a"), ("trained", None), ("merged", None)]
+    assert sources_line(account) == "stage 1 from the store, stage 2 trained, stage 3 merged"
+    assert summary_keys(account) == {"stage_store/trained": 1, "stage_store/from_store": 1, "stage_store/stage1": "store",
+                                     "stage_store/stage2": "trained", "stage_store/stage3": "merged"}
+    off = StageSharing(None, ["s1", "s2"], {}).accounting([{}, {}])
+    assert off["enabled"] is False and sources_line(off) == "off (stages 1,2 trained)"
+    # the sweep's end: one count in its head, the stages taken on each job's line
+    for name, acc in (("ab", account), ("a", off)):
+        (tmp_path / "sweep" / name).mkdir(parents=True)
+        (tmp_path / "sweep" / name / "status.json").write_text(json.dumps({"state": "done", "started": 0, "updated": 1}))
+        (tmp_path / "sweep" / name / "matrix.json").write_text(json.dumps({"stage_store": acc}))
+    text = sweep_summary(tmp_path / "sweep")
+    assert "2 job(s): 2 done; 3 stage(s) trained, 1 taken from the stage store" in text.splitlines()[0], text
+    assert "  ab  (from the stage store: stage 1 = s1; trained: 2)" in text and "  a\n" in text, text
