@@ -1,13 +1,14 @@
 """Stage trainings and wall time of two sweeps with the stage store and without it, one after the other.
 
-    python bench/bench_stage_store.py --out /tmp/stage_store_bench [--studies mitigations,orders]
+    python bench/bench_stage_store.py --out /tmp/stage_store_bench [--studies orders,mitigations] [-- overrides...]
 
 Each sweep runs with the basic launcher (its jobs one after the other in one process, as `python -m seqdpo -m`
 does by default), W&B off, in its own sweep directory with its own fresh reference cache and stage store, so
 both variants compute the same base-reference log-probs. A stage training is a stage row of a job's matrix.json
 whose "stage_store" source is "trained" (merge's merged row trains nothing and is not counted). Prints one
 JSON object: per study and variant the jobs, stage trainings, wall seconds and the load average before and
-after; and the ratios with / without.
+after; and the ratios with / without. Overrides after `--` go to every job (e.g. shorter stages on a loaded
+machine: `-- train.max_steps=4 dataset.n_eval=16`).
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ STUDIES = {
 }
 
 
-def _sweep(out: Path, study: str, store: bool) -> dict:
+def _sweep(out: Path, study: str, store: bool, extra: list[str]) -> dict:
     sweep = out / f"{study}-{'store' if store else 'nostore'}"
-    cmd = [sys.executable, "-m", "seqdpo", "-m", *STUDIES[study], "logger=none", f"hydra.sweep.dir={sweep}",
+    cmd = [sys.executable, "-m", "seqdpo", "-m", *STUDIES[study], *extra, "logger=none", f"hydra.sweep.dir={sweep}",
            f"ref_cache_dir={sweep / 'refcache'}", f"stage_store_dir={sweep / 'store'}", f"stage_store={store}"]
     load = os.getloadavg()[0]
     t0 = time.time()
@@ -51,12 +52,13 @@ def _sweep(out: Path, study: str, store: bool) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--studies", default="mitigations,orders")
+    ap.add_argument("--studies", default="orders,mitigations")
+    ap.add_argument("overrides", nargs="*", help="after --: overrides for every job")
     args = ap.parse_args()
-    result = {}
+    result = {"overrides": args.overrides}
     for study in args.studies.split(","):
-        without = _sweep(args.out, study, store=False)
-        with_store = _sweep(args.out, study, store=True)
+        without = _sweep(args.out, study, False, args.overrides)
+        with_store = _sweep(args.out, study, True, args.overrides)
         result[study] = {"without": without, "with": with_store,
                          "ratio_trainings": round(with_store["stage_trainings"] / without["stage_trainings"], 3),
                          "ratio_wall": round(with_store["wall_s"] / without["wall_s"], 3)}

@@ -134,7 +134,10 @@ class StageStore:
         entry when one was published meanwhile (take it), else None (train and publish)."""
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / f"{sig}.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fd, writable = os.open(path, os.O_RDWR | os.O_CREAT, 0o666), True
+        except PermissionError:  # another user's lock file that the umask left read-only: flock needs no write
+            fd, writable = os.open(path, os.O_RDONLY), False
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -145,9 +148,10 @@ class StageStore:
                 t0 = time.time()
                 fcntl.flock(fd, fcntl.LOCK_EX)  # a signal handler that raises (SIGTERM) ends the wait
                 log.info("%s: waited %.0f s", what, time.time() - t0)
-            holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "job": str(job_dir)}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(holder).encode() + b"\n", 0)
+            if writable:  # who holds it, for the log of a job that waits
+                holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "job": str(job_dir)}
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(holder).encode() + b"\n", 0)
             yield self.entry(sig)
         finally:
             os.close(fd)  # releases the flock

@@ -84,3 +84,16 @@ def test_an_override_of_a_strategy_knob_is_accepted_where_the_strategy_reads_it(
     cfg = run_config(["strategy=anchor", "order=aba", "+order.stage_overrides.3.strategy.strength=0.5",
                       "+order.stage_overrides.2.strategy.decay=0.5"])
     assert [(s.strategy.strength, s.strategy.decay) for s in stage_settings(cfg)] == [(1.0, 1.0), (1.0, 0.5), (0.5, 1.0)]
+
+
+def test_an_anchor_stage_at_strength_0_is_planned_as_sequentials(tmp_path):
+    from datasets import Dataset
+
+    from seqdpo.strategies import plan_stages
+
+    cfg = run_config(["strategy=anchor", "order=aba", "+order.stage_overrides.2.strategy.strength=0",
+                      "+order.stage_overrides.3.strategy.strength=2.5"])
+    sets = [Dataset.from_dict({"pair_id": [f"{o}-{i}" for i in range(4)]}) for o in ("polite", "factual", "polite")]
+    plans = plan_stages(cfg, ["polite", "factual", "polite"], sets, tmp_path, write=False)
+    assert [p.anchored for p in plans] == [False, False, True]
+    assert plans[2].info == {"anchor": "l2", "strength": 2.5, "anchored_stages": 2}
