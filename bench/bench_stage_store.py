@@ -7,7 +7,8 @@ does by default), W&B off, in its own sweep directory with its own fresh referen
 both variants compute the same base-reference log-probs. A stage training is a stage row of a job's matrix.json
 whose "stage_store" source is "trained" (merge's merged row trains nothing and is not counted). Prints one
 JSON object: per study and variant the jobs, stage trainings, wall seconds and the load average before and
-after; and the ratios with / without. Overrides after `--` go to every job (e.g. shorter stages on a loaded
+after, and the CPU seconds of the sweep's processes (less at the mercy of other load than wall time); and
+the ratios with / without. Overrides after `--` go to every job (e.g. shorter stages on a loaded
 machine: `-- train.max_steps=4 dataset.n_eval=16`).
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -32,20 +34,26 @@ STUDIES = {
 }
 
 
+def _children_cpu() -> float:
+    """User + system CPU seconds of the finished child processes: less at the mercy of other load than wall time."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def _sweep(out: Path, study: str, store: bool, extra: list[str]) -> dict:
     sweep = out / f"{study}-{'store' if store else 'nostore'}"
     cmd = [sys.executable, "-m", "seqdpo", "-m", *STUDIES[study], *extra, "logger=none", f"hydra.sweep.dir={sweep}",
            f"ref_cache_dir={sweep / 'refcache'}", f"stage_store_dir={sweep / 'store'}", f"stage_store={store}"]
     load = os.getloadavg()[0]
-    t0 = time.time()
+    t0, cpu0 = time.time(), _children_cpu()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    wall = time.time() - t0
+    wall, cpu = time.time() - t0, _children_cpu() - cpu0
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     sources = [row["source"] for m in sweep.glob("*/matrix.json")
                for row in json.loads(m.read_text())["stage_store"]["stages"]]
     return {"jobs": len(list(sweep.glob("*/matrix.json"))), "stage_trainings": sources.count("trained"),
-            "from_store": sources.count("store"), "wall_s": round(wall, 1), "load_before": round(load, 2),
+            "from_store": sources.count("store"), "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "load_before": round(load, 2),
             "load_after": round(os.getloadavg()[0], 2), "summary": proc.stdout.strip().splitlines()[-3:]}
 
 
@@ -53,15 +61,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--studies", default="orders,mitigations")
+    ap.add_argument("--store-first", action="store_true", help="run the sweep with the store before the one without")
     ap.add_argument("overrides", nargs="*", help="after --: overrides for every job")
     args = ap.parse_args()
     result = {"overrides": args.overrides}
     for study in args.studies.split(","):
-        without = _sweep(args.out, study, False, args.overrides)
-        with_store = _sweep(args.out, study, True, args.overrides)
+        if args.store_first:
+            with_store, without = (_sweep(args.out, study, v, args.overrides) for v in (True, False))
+        else:
+            without, with_store = (_sweep(args.out, study, v, args.overrides) for v in (False, True))
         result[study] = {"without": without, "with": with_store,
                          "ratio_trainings": round(with_store["stage_trainings"] / without["stage_trainings"], 3),
-                         "ratio_wall": round(with_store["wall_s"] / without["wall_s"], 3)}
+                         "ratio_wall": round(with_store["wall_s"] / without["wall_s"], 3),
+                         "ratio_cpu": round(with_store["cpu_s"] / without["cpu_s"], 3)}
         print(json.dumps({study: result[study]}), flush=True)
     (args.out / "stage_store_bench.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
