@@ -1,7 +1,9 @@
-"""What each stage trains with: the job's settings, with `order.stage_overrides.<k>` applied to stage k.
+"""What each stage trains with (`StageSettings`): the job's settings, with `order.stage_overrides.<k>` applied
+to stage k. Everything that trains a stage reads them from there, never from the job's config: the Trainer's
+arguments (`seqdpo.trainer.make_dpo_config`), the loss, the anchor penalty, the steps a strategy plans.
 
-    python -m seqdpo order=ab order.stage_overrides.2.beta=0.1            # stage 2 at beta 0.1, stage 1 as before
-    python -m seqdpo -m order=ab order.stage_overrides.2.beta=0.1,0.3 strategy=sequential,replay
+    python -m seqdpo order=ab +order.stage_overrides.2.beta=0.1            # stage 2 at beta 0.1, stage 1 as before
+    python -m seqdpo -m order=ab +order.stage_overrides.2.beta=0.1,0.3 strategy=sequential,replay
 
 A stage position k counts the entries of `order.stages` from 1. The keys a stage may override are the
 global keys of the settings a stage trains with, under the same names:
@@ -23,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from seqdpo.config import ConfigError, LossConfig, RunConfig, StrategyConfig, TrainConfig
@@ -43,7 +45,8 @@ class StageSettings:
     beta: float
     loss: LossConfig
     train: TrainConfig
-    strategy: StrategyConfig
+    strategy: StrategyConfig  # its knobs (replay ratio, anchor strength, ...); the strategy's name is the job's
+    seed: int  # the run seed: stage k's Trainer seeds with seed + k, its draws (the EWC Fisher's pairs) with seed
     overridden: tuple[str, ...] = ()  # the keys set for this stage, e.g. ('beta', 'loss.name')
 
 
@@ -124,12 +127,6 @@ def stage_settings(cfg: RunConfig) -> list[StageSettings]:
                 values[key] = _typed(where, value, values[key], optional=False)
         out.append(StageSettings(
             lr=values["lr"], beta=values["beta"], loss=LossConfig(**parts["loss"]), train=TrainConfig(**parts["train"]),
-            strategy=StrategyConfig(**parts["strategy"]), overridden=tuple(key for key, _ in given),
+            strategy=StrategyConfig(**parts["strategy"]), seed=cfg.seed, overridden=tuple(key for key, _ in given),
         ))
     return out
-
-
-def stage_config(cfg: RunConfig, settings: StageSettings) -> RunConfig:
-    """`cfg` with a stage's settings in place of the global ones: what the trainer and the strategies read."""
-    return replace(cfg, lr=settings.lr, beta=settings.beta, loss=settings.loss, train=settings.train,
-                   strategy=settings.strategy)

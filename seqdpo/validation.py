@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 import math
 import typing
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from seqdpo.behaviour.settings import check_behaviour_config
@@ -36,7 +36,7 @@ from seqdpo.data import DATASETS
 from seqdpo.losses import check_loss_config
 from seqdpo.packing import MASKED_ATTENTION, PACKINGS
 from seqdpo.stage_settings import PREFIX as OVERRIDES
-from seqdpo.stage_settings import stage_config, stage_settings
+from seqdpo.stage_settings import stage_settings
 
 
 def validate(cfg: RunConfig) -> None:
@@ -86,7 +86,8 @@ def _check_stage_overrides(cfg: RunConfig) -> None:
     for k, settings in enumerate(all_settings, start=1):
         if not settings.overridden:
             continue
-        staged = stage_config(cfg, settings)
+        staged = replace(cfg, lr=settings.lr, beta=settings.beta, loss=settings.loss, train=settings.train,
+                         strategy=settings.strategy)  # the rules of the global keys, on the stage's values
         try:
             check_loss_config(staged.loss, staged.beta)
             for key, value, rule, ok in _ranges(staged):  # the global values passed: a failing rule is an override's

@@ -35,13 +35,13 @@ def guard_table(ctx, gens: pd.DataFrame, prompts: dict) -> pd.DataFrame:
     for objective, g in gens.groupby("objective", sort=False):
         texts = list(g.text)
         ds, base = base_response_logps(ctx, objective, [prompts[objective][p] for p in g.prompt_id], texts,
-                                       ctx.cfg.eval.batch_size)
+                                       ctx.settings.batch_size)
         nll = np.full(len(texts), np.nan)  # NaN: model.max_length left nothing of the response to read
         kept = [int(pid[1:]) for pid in ds["pair_id"]]
         nll[kept] = -base["chosen_logps"] / np.maximum(base["chosen_len"], 1)
         columns = {"nll_base": nll, "distinct_1": [distinct_n(t, 1) for t in texts],
                    "distinct_2": [distinct_n(t, 2) for t in texts]}
-        if ctx.cfg.dataset.name == "synthetic":
+        if ctx.settings.dataset.name == "synthetic":
             from seqdpo.data.synthetic import well_formed
 
             columns["well_formed"] = [float(well_formed(t)) for t in texts]
