@@ -93,6 +93,6 @@ def test_an_anchor_stage_at_strength_0_is_planned_as_sequentials(tmp_path):
     cfg = run_config(["strategy=anchor", "order=aba", "+order.stage_overrides.2.strategy.strength=0",
                       "+order.stage_overrides.3.strategy.strength=2.5"])
     sets = [Dataset.from_dict({"pair_id": [f"{o}-{i}" for i in range(4)]}) for o in ("polite", "factual", "polite")]
-    plans = plan_stages(cfg, ["polite", "factual", "polite"], sets, tmp_path, write=False)
+    plans = plan_stages(["polite", "factual", "polite"], sets, stage_settings(cfg), tmp_path, dataset="synthetic", write=False)
     assert [p.anchored for p in plans] == [False, False, True]
     assert plans[2].info == {"anchor": "l2", "strength": 2.5, "anchored_stages": 2}
