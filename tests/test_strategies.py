@@ -54,7 +54,7 @@ def _sets(sizes=(8, 8), names=("polite", "factual")):
 
 def _plan(cfg, objs, sets, out, *, write=True):
     """The job's plan for `cfg` (seqdpo.runner: every stage with the job's settings)."""
-    from seqdpo.job_settings import stage_settings
+    from seqdpo.stage_settings import stage_settings
     from seqdpo.strategies import plan_stages
 
     (job, *_) = stage_settings(cfg)
