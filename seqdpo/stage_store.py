@@ -132,12 +132,18 @@ class StageStore:
     def claim(self, sig: str, what: str, job_dir: Path):
         """Holds the lock of `sig` while the block runs, waiting for another job that holds it; yields the
         entry when one was published meanwhile (take it), else None (train and publish)."""
-        self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / f"{sig}.lock"
         try:
-            fd, writable = os.open(path, os.O_RDWR | os.O_CREAT, 0o666), True
-        except PermissionError:  # another user's lock file that the umask left read-only: flock needs no write
-            fd, writable = os.open(path, os.O_RDONLY), False
+            self.root.mkdir(parents=True, exist_ok=True)
+            try:
+                fd, writable = os.open(path, os.O_RDWR | os.O_CREAT, 0o666), True
+            except PermissionError:  # another user's lock file that the umask left read-only: flock needs no write
+                fd, writable = os.open(path, os.O_RDONLY), False
+        except OSError as e:  # a store that cannot be written must not stop a job that can train the stage itself
+            log.warning("%s: the stage store %s cannot be used (%s: %s): training the stage here", what, self.root,
+                        type(e).__name__, e)
+            yield None
+            return
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -187,8 +193,12 @@ class StageStore:
             with self.claim(sig, what, stage_dir.parent) as entry:
                 if entry is None:
                     run()
-                    self.publish(sig, stage_dir, meta)
-                    log.info("%s published to the stage store as %s", what, sig)
+                    try:
+                        self.publish(sig, stage_dir, meta)
+                        log.info("%s published to the stage store as %s", what, sig)
+                    except OSError as e:  # e.g. a full disk: the job has its stage; other jobs will train theirs
+                        log.warning("%s could not be published to the stage store %s (%s: %s)", what, self.root,
+                                    type(e).__name__, e)
                     return False
         self.take(entry, stage_dir)
         return True

@@ -224,3 +224,12 @@ def test_the_account_says_which_stages_were_trained_and_which_taken(tmp_path):
     text = sweep_summary(tmp_path / "sweep")
     assert "2 job(s): 2 done; 3 stage(s) trained, 1 taken from the stage store" in text.splitlines()[0], text
     assert "  ab  (from the stage store: stage 1 = s1; trained: 2)" in text and "  a\n" in text, text
+
+
+def test_a_store_that_cannot_be_written_leaves_the_job_to_train_its_stage(tmp_path, caplog):
+    (tmp_path / "file").write_text("not a directory")
+    store = StageStore(tmp_path / "file" / "store")
+    sd = _stage_dir(tmp_path)
+    ran = []
+    assert store.run_or_take("sig", sd, "stage 1", lambda: ran.append(1), {}) is False and ran == [1]
+    assert "cannot be used" in caplog.text and "could not be published" in caplog.text
