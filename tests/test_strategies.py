@@ -53,7 +53,7 @@ def _sets(sizes=(8, 8), names=("polite", "factual")):
 
 
 def _plan(cfg, objs, sets, out, *, write=True):
-    """The job's plan for `cfg` (seqdpo.runner: every stage with the job's settings)."""
+    """The plan of `objs` with every stage at the job's settings (seqdpo.stage_settings.stage_settings)."""
     from seqdpo.stage_settings import stage_settings
     from seqdpo.strategies import plan_stages
 
@@ -156,6 +156,25 @@ def test_joint_counts_and_warns_about_the_synthetic_worlds_contradictions(tmp_pa
         (plan,) = _plan(cfg, ["polite", "factual"], [objectives[o].train for o in ("polite", "factual")], tmp_path, write=True)
     assert plan.info["contradictory_pairs"] == expected
     assert (f"joint: {expected} of the 256 pairs in the union have a twin" in caplog.text) == (expected > 0)
+
+
+def test_each_stage_plans_with_its_own_settings(tmp_path):
+    """A plan carries each stage's settings (seqdpo.stage_settings): replay's match_steps counts stage 2's steps
+    with stage 2's batch size, and the settings must match the stages one to one."""
+    from dataclasses import replace
+
+    from seqdpo.stage_settings import stage_settings
+    from seqdpo.strategies import plan_stages
+
+    cfg = run_config(["strategy=replay", "strategy.ratio=1.0"])
+    first, second = stage_settings(cfg)
+    second = replace(second, lr=1e-3, train=replace(second.train, batch_size=2))
+    objs, sets = _sets((8, 8))
+    plans = plan_stages(objs, sets, [first, second], tmp_path, dataset=cfg.dataset.name, write=False)
+    assert [p.settings for p in plans] == [first, second]
+    assert plans[1].max_steps == 4  # its own 8 pairs at batch 2 (the job's batch, 8, would be 1 step)
+    with pytest.raises(ValueError, match="1 stage settings for the 2 stages"):
+        plan_stages(objs, sets, [first], tmp_path, dataset=cfg.dataset.name, write=False)
 
 
 def test_merge_trains_fresh_adapters_then_a_merged_row(tmp_path):
