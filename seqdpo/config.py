@@ -83,6 +83,9 @@ class OrderConfig:
     # sDPO-style partitioning when an objective appears in several stages: each appearance trains on
     # its own chunk. none | random | easy_to_hard (by the base model's margin).
     partition: str = "none"
+    # Per-stage settings: position (from 1, a string key) -> {setting key: value}, e.g.
+    # +order.stage_overrides.2.lr=1e-5; resolved and checked by seqdpo/stage_settings.py
+    stage_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -242,6 +245,9 @@ class RunConfig:
     seed: int = 0  # data order, LoRA init, subsampling
     reference: str = "base"  # base: frozen base model in every stage | previous: model after the previous stage (sDPO)
     ref_cache_dir: Optional[str] = None  # base-reference log-prob cache; None = outputs/.refcache
+    # Trained stages shared across jobs by stage signature (seqdpo/stage_store.py); off: every job trains its own
+    stage_store: bool = True
+    stage_store_dir: Optional[str] = None  # None = .stagestore beside the reference cache
 
 
 REFERENCES = ("base", "previous")
@@ -315,12 +321,15 @@ def setting(config: dict, key: str) -> Any:
 def signature(cfg: RunConfig) -> str:
     """Identity of the science a job does: same signature = same results, so a rerun may reuse its outputs.
 
-    The logger settings and the cache location do not change results and are left out, so switching W&B
-    on or off keeps a job's identity; so are the strategy keys the strategy does not read (validate()
-    refuses them away from their defaults), so a key added for one strategy leaves the others' jobs as they were.
+    The logger settings, the cache and stage-store locations and whether the store is used do not change
+    results and are left out, so switching W&B or the store on or off keeps a job's identity; so are the
+    strategy keys the strategy does not read (validate() refuses them away from their defaults), so a key
+    added for one strategy leaves the others' jobs as they were.
     """
     d = to_dict(cfg)
     d.pop("logger")
     d.pop("ref_cache_dir")
+    d.pop("stage_store")
+    d.pop("stage_store_dir")
     d["strategy"] = {k: d["strategy"][k] for k in ("name", *STRATEGY_KEYS.get(cfg.strategy.name, ()))}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -1,6 +1,6 @@
 """The job's RunConfig cut into what each part of a job reads: below the job, no module sees RunConfig.
+What each stage trains with is `seqdpo.stage_settings.stage_settings(cfg)`.
 
-    stage_settings(cfg)    -> one StageSettings per entry of order.stages (training, strategies)
     scoring_settings(cfg)  -> ScoringSettings (behaviour's scorers and guards)
     run_labels(cfg)        -> RunLabels (the W&B run's name, tags and stored config)
 """
@@ -8,15 +8,8 @@
 from __future__ import annotations
 
 from seqdpo.behaviour.scorers import ScoringSettings
-from seqdpo.config import RunConfig, stage_objectives, to_dict
-from seqdpo.stage_settings import StageSettings
+from seqdpo.config import RunConfig, to_dict
 from seqdpo.tracking import RunLabels
-
-
-def stage_settings(cfg: RunConfig) -> list[StageSettings]:
-    """What each entry of order.stages trains with: today the job's values, the same for every stage."""
-    job = StageSettings(lr=cfg.lr, beta=cfg.beta, loss=cfg.loss, train=cfg.train, strategy=cfg.strategy, seed=cfg.seed)
-    return [job] * len(stage_objectives(cfg))
 
 
 def scoring_settings(cfg: RunConfig) -> ScoringSettings:

@@ -39,13 +39,15 @@ from seqdpo.filemodes import follow_umask
 from seqdpo.job.directory import check_output_dir, claim_output_dir, clear_job_results
 from seqdpo.job.lock import job_lock
 from seqdpo.job.status import JobStatus, read_status, stop_on_sigterm, where
-from seqdpo.job_settings import run_labels, scoring_settings, stage_settings
+from seqdpo.job_settings import run_labels, scoring_settings
 from seqdpo.modeling import check_target_modules, load_model, load_tokenizer, make_lora_config, model_fingerprint
 from seqdpo.partition import partition_stages
 from seqdpo.reference_source import ReferenceSource
 from seqdpo.refcache import DEFAULT_CACHE_DIR, reset_ref_forward_counts
 from seqdpo.report import job_plots
 from seqdpo.stage_loop import StageContext, StageLoop, StageTraining
+from seqdpo.stage_settings import stage_settings
+from seqdpo.stage_sharing import StageSharing, sources_line, summary_keys
 from seqdpo.strategies import plan_stages, summary
 from seqdpo.tracking import Tracker
 from seqdpo.wandb_keys import transfer_summary
@@ -149,8 +151,9 @@ def _run_stages(cfg: RunConfig, out: Path, tracker, status) -> dict:
     recorder = _diagnostics_recorder(cfg, out, eval_tok, train_tok, refs, stage_names[1:],
                                      frozenset(k for k, stage in enumerate(plan, start=1) if stage.fresh))
     behaviour = _behaviour_eval(cfg, out, tok, objectives, prepared, peft_model, fingerprint, tracker)
+    sharing = StageSharing.for_job(cfg)
     ctx = StageContext(out, peft_model, tok, eval_tok, cfg.eval, cfg.beta, cfg.model.packing, status, tracker=tracker,
-                       recorder=recorder, behaviour=behaviour, main=main)
+                       recorder=recorder, behaviour=behaviour, sharing=sharing, main=main)
     training = StageTraining(ctx, refs, max_length=cfg.model.max_length, previous_reference=cfg.reference == "previous")
     StageLoop(ctx, training, stage_names).run(plan)
 
@@ -159,11 +162,11 @@ def _run_stages(cfg: RunConfig, out: Path, tracker, status) -> dict:
         # is not synchronised across ranks), so other ranks stop here instead of reading them.
         return {"stages": stage_names, "rank": int(os.environ.get("RANK", "0"))}
     return _write_results(cfg, out, tracker, stage_names, list(objectives), refs, recorder, plan, prepared.table(),
-                          behaviour)
+                          behaviour, sharing)
 
 
 def _write_results(cfg: RunConfig, out: Path, tracker, stage_names, objectives, refs, recorder, plan, accounting,
-                   behaviour=None) -> dict:
+                   behaviour, sharing: StageSharing) -> dict:
     """The job-level files (pairs.parquet, matrix.json, diagnostics.json) and their W&B counterparts."""
 
     pairs = pd.concat([pd.read_parquet(out / f"stage_{k}" / "pairs.parquet") for k in range(len(stage_names))])
@@ -177,6 +180,8 @@ def _write_results(cfg: RunConfig, out: Path, tracker, stage_names, objectives, 
     if behaviour is not None:
         matrix["behaviour"] = behaviour.summary(stage_names)
     matrix["pairs"] = accounting  # seqdpo.data.accounting: rows read, pairs built, dropped, truncated, kept
+    matrix["stage_store"] = sharing.accounting(done)
+    log.info("stage store: %s", sources_line(matrix["stage_store"]))
     pairs.to_parquet(out / "pairs.parquet", index=False)
     (out / "matrix.json").write_text(json.dumps(matrix, indent=1))
     job_diag = recorder.finalize(pairs, matrix) if recorder is not None else None
@@ -185,6 +190,7 @@ def _write_results(cfg: RunConfig, out: Path, tracker, stage_names, objectives, 
         (out / "diagnostics.json").write_text(json.dumps(job_diag, indent=1, default=float))
     if tracker is not None:
         tracker.log_matrix(matrix)
+        tracker.summary(summary_keys(matrix["stage_store"]))
         tracker.summary({"reference_forwards/" + k: v for k, v in matrix["reference_forwards"].items()})
         tracker.summary({f"strategy/stage{row['stage']}/{key}": v for row in matrix["strategy"]["stages"]
                          for key, v in row.items() if isinstance(v, (int, float)) and key != "stage"})

@@ -8,8 +8,9 @@
 `stage_<k>/DONE` exists is skipped (its adapter reloaded); one stopped after training (`TRAINED`) is
 evaluated again without retraining; one stopped in training resumes from its newest intact checkpoint.
 
-`StageLoop.obtain` is the one place a stage's adapter comes from (trained now, reloaded, or merged): a
-store of trained stages replaces it there.
+`StageLoop.obtain` is the one place a stage's adapter comes from (trained now, reloaded, or merged); the
+stage store (`seqdpo.stage_sharing`) wraps obtaining, evaluating and finishing a stage, which it publishes,
+or replaces them by a copy of the published stage (`StageLoop.taken`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from seqdpo.behaviour.stage import BehaviourEval
     from seqdpo.job.status import JobStatus
     from seqdpo.reference_source import ReferenceSource
+    from seqdpo.stage_sharing import StageSharing
     from seqdpo.tracking import Tracker
 
 log = logging.getLogger("seqdpo")
@@ -64,6 +66,7 @@ class StageContext:
     tracker: Tracker | None = None  # None on DDP ranks other than 0
     recorder: DiagnosticsRecorder | None = None  # None: diagnostics off
     behaviour: BehaviourEval | None = None  # None: eval.generate off
+    sharing: StageSharing | None = None  # the stage store; None: every stage trained here
     main: bool = True
 
     def stage_dir(self, k: int) -> Path:
@@ -100,8 +103,35 @@ class StageLoop:
         self.ctx.status.set("running", stage=k)
         if stage.merge and not self.ctx.main:  # the merge is rank 0's, which wrote the adapters it combines
             return
+        make = partial(self.make, k, stage)
+        if self.ctx.sharing is None:
+            make()
+        elif self.ctx.sharing.run(k, stage.name, sd, self.clock.label(k), make):
+            self.taken(k)
+
+    def make(self, k: int, stage: StagePlan) -> None:
         info = self.obtain(k, stage)
         self.finish(k, self.evaluate(k), {**stage.info, **info})
+
+    def taken(self, k: int) -> None:
+        """Stage k was copied from the stage store: its adapter into the model, and to W&B what training and
+        evaluating it would have logged, from its files."""
+        ctx, sd = self.ctx, self.ctx.stage_dir(k)
+        load_adapter(ctx.model, sd / "adapter")
+        done = json.loads((sd / "DONE").read_text())
+        log.info("%s taken from the stage store (%s), trained by %s", self.clock.label(k), done["stage_store"]["from"],
+                 done["stage_store"]["trained_by"])
+        if ctx.tracker is None:
+            return
+        ctx.tracker.series("eval", "stage", [{key[len("eval/"):]: v for key, v in done.items() if key.startswith("eval/")}])
+        ctx.tracker.stage_callback(k)  # the stage's step axis
+        prefix = f"stage{k}/train"
+        if (sd / "train_log.jsonl").exists():
+            for line in (sd / "train_log.jsonl").read_text().splitlines():
+                row = json.loads(line)
+                ctx.tracker.log({f"{prefix}/step": row.get("step"), **{f"{prefix}/{key}": v for key, v in row.items() if key != "step"}})
+        if (sd / "diagnostics.json").exists():
+            log_stage_diagnostics(ctx.tracker, k, json.loads((sd / "diagnostics.json").read_text()))
 
     def obtain(self, k: int, stage: StagePlan) -> dict:
         """Stage k's adapter into the model, and what DONE records of how it came about."""
@@ -223,8 +253,12 @@ class StageTraining:
             return
         (ctx.stage_dir(k) / "diagnostics.json").write_text(json.dumps(diag, indent=1, default=float))
         if ctx.tracker is not None:
-            ctx.tracker.summary({f"stage{k}/{key}": v for key, v in wandb_payload(diag).items()})
-            ctx.tracker.series("grad_cosine", "progress", grad_cosine_rows(diag))
+            log_stage_diagnostics(ctx.tracker, k, diag)
+
+
+def log_stage_diagnostics(tracker: Tracker, k: int, diag: dict) -> None:
+    tracker.summary({f"stage{k}/{key}": v for key, v in wandb_payload(diag).items()})
+    tracker.series("grad_cosine", "progress", grad_cosine_rows(diag))
 
 
 class _CheckpointModes(TrainerCallback):

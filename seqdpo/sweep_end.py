@@ -1,6 +1,6 @@
 """What a sweep's submitting process says last: one line per job (state, duration, directory; where it
-stopped and the error's last line; the pairs `model.max_length` cost a finished job) and the commands to
-run next.
+stopped and the error's last line; the pairs `model.max_length` cost a finished job; the stages it took
+from the stage store) and the commands to run next.
 
 `conf/config.yaml` registers `SweepSummary` under `hydra.callbacks`, so every multirun (basic launcher,
 submitit local or SLURM) ends with it, read from the jobs' `status.json` files. A sweep in which a job
@@ -50,11 +50,20 @@ def _pair_losses(job: Path) -> list[str]:
     return over_warn_fraction(table, config)
 
 
+def _stage_sources(job: Path) -> list[dict]:
+    """matrix.json's "stage_store" rows of a finished job: which stages it trained, which it took from the store."""
+    try:
+        return (json.loads((job / "matrix.json").read_text()).get("stage_store") or {}).get("stages") or []
+    except (OSError, ValueError):
+        return []
+
+
 def sweep_summary(sweep: Path) -> str:
     jobs = find_job_dirs(sweep) if sweep.is_dir() else []
     counts: dict[str, int] = {}
     lines = []
     flagged = 0
+    stages = [0, 0]  # trained, taken from the stage store (finished jobs)
     for job in jobs:
         status = read_status(job) or {"state": "not started"}
         state = observed_state(status)
@@ -64,6 +73,13 @@ def sweep_summary(sweep: Path) -> str:
         if state not in ("done", "not started"):
             line += f"  ({where(status.get('stage'))}"
             line += f": {last_line(status['error'])})" if status.get("error") else ")"
+        sources = _stage_sources(job) if state == "done" else []
+        taken = [f"stage {row['stage']} = {row['signature']}" for row in sources if row["source"] == "store"]
+        if taken:
+            trained = [str(row["stage"]) for row in sources if row["source"] == "trained"]
+            line += f"  (from the stage store: {', '.join(taken)}; trained: {', '.join(trained) or 'none'})"
+        stages[0] += sum(row["source"] == "trained" for row in sources)
+        stages[1] += len(taken)
         losses = _pair_losses(job) if state == "done" else []
         if losses:
             flagged += 1
@@ -71,6 +87,8 @@ def sweep_summary(sweep: Path) -> str:
         lines.append(line)
     head = f"seqdpo sweep {sweep}: {len(jobs)} job(s)" + (
         ": " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) if counts else "")
+    if stages[1]:
+        head += f"; {stages[0]} stage(s) trained, {stages[1]} taken from the stage store"
     if flagged:
         head += f"; {flagged} lost more than dataset.warn_fraction of a split's pairs to model.max_length"
     tail = [f"next: python -m seqdpo.report {sweep}"]

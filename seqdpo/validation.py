@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 import math
 import typing
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from seqdpo.behaviour.settings import check_behaviour_config
@@ -35,6 +35,8 @@ from seqdpo.config import (
 from seqdpo.data import DATASETS
 from seqdpo.losses import check_loss_config
 from seqdpo.packing import MASKED_ATTENTION, PACKINGS
+from seqdpo.stage_settings import PREFIX as OVERRIDES
+from seqdpo.stage_settings import stage_settings
 
 
 def validate(cfg: RunConfig) -> None:
@@ -67,6 +69,33 @@ def validate(cfg: RunConfig) -> None:
     if cfg.eval.generate or cfg.model.tiny.warm_start:
         check_behaviour_config(cfg)
     _validate_strategy(cfg)
+    _check_stage_overrides(cfg)
+
+
+def _check_stage_overrides(cfg: RunConfig) -> None:
+    """The values of order.stage_overrides, by the rules of the global keys, under their full key
+    (stage_settings() itself refuses unknown positions and keys)."""
+    all_settings = stage_settings(cfg)
+    if cfg.strategy.name == "anchor" and cfg.strategy.penalty == "ewc":
+        strengths = [s.strategy.strength for s in all_settings]
+        for i in range(1, len(strengths)):  # stage i + 1 computes the Fisher of stage i, which later stages read
+            if strengths[i] == 0 and any(strengths[i + 1:]):
+                raise ConfigError(f"{OVERRIDES}.{i + 1}.strategy.strength",
+                                  f"0 skips the EWC Fisher of stage {i}, computed when stage {i + 1} starts, which "
+                                  "the later anchored stages read; use a small strength instead")
+    for k, settings in enumerate(all_settings, start=1):
+        if not settings.overridden:
+            continue
+        staged = replace(cfg, lr=settings.lr, beta=settings.beta, loss=settings.loss, train=settings.train,
+                         strategy=settings.strategy)  # the rules of the global keys, on the stage's values
+        try:
+            check_loss_config(staged.loss, staged.beta)
+            for key, value, rule, ok in _ranges(staged):  # the global values passed: a failing rule is an override's
+                if not ok:
+                    raise ConfigError(key, f"must be {rule}, got {value!r}")
+            _validate_strategy(staged)
+        except ConfigError as e:
+            raise ConfigError(f"{OVERRIDES}.{k}.{e.key}", str(e).split(": ", 1)[1]) from None
 
 
 # numpy's seeds are 32-bit and stage k trains with seed + k

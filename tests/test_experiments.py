@@ -67,8 +67,8 @@ def test_experiment_grid_composes_and_validates(name):
     jobs = grid(params)
     runs = [compose_run([f"experiment={name}", *job])[0] for job in jobs]
     # every grid point is a different job: a sweep value that is silently ignored would collapse them
-    identities = {(r.dataset.name, r.order.name, r.loss.name, r.reference, r.seed, str(r.dataset.options), str(r.strategy))
-                  for r in runs}
+    identities = {(r.dataset.name, r.order.name, r.loss.name, r.reference, r.seed, str(r.dataset.options), str(r.strategy),
+                   str(r.order.stage_overrides)) for r in runs}
     assert len(identities) == len(jobs)
 
 
@@ -120,3 +120,18 @@ def test_loss_ablation_keeps_each_loss_file():
     assert (run.loss.beta_pos, run.loss.beta_neg, run.loss.beta_neg_ratio) == (None, None, 0.8)
     run, _ = compose_run(["experiment=loss_ablation", "loss=rpo"])
     assert run.loss.components == ["dpo", "sft"]
+
+
+def test_stage2_beta_study_shares_stage_1_within_a_seed():
+    """The stage-2 study: 27 jobs, 3 distinct stage-1 signatures (one per seed), 27 distinct stage 2s, so the stage
+    store trains 30 stages instead of 54."""
+    from seqdpo.stage_settings import stage_settings
+    from seqdpo.stage_signature import StageEnvironment, stage_signatures
+
+    _, params = compose_run(["experiment=stage2_beta"])
+    runs = [compose_run(["experiment=stage2_beta", *job])[0] for job in grid(params)]
+    env = StageEnvironment("cpu", 1, "code")
+    signatures = [stage_signatures(r, env) for r in runs]
+    assert len(runs) == 27 and len({s[0] for s in signatures}) == 3 and len({s[1] for s in signatures}) == 27
+    assert sorted({stage_settings(r)[1].beta for r in runs}) == [0.1, 0.3, 1.0]
+    assert {stage_settings(r)[0].beta for r in runs} == {0.3} == {r.beta for r in runs}

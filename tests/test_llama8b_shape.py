@@ -105,7 +105,7 @@ def test_llama31_8b_shape_trains_and_evaluates_on_cpu(tmp_path, record_property,
     from seqdpo.logprobs import tokenize_pairs
     from seqdpo.modeling import build_tiny_model, build_word_tokenizer, make_lora_config, model_fingerprint
     from seqdpo.refcache import reference_logps, with_reference_columns
-    from seqdpo.job_settings import stage_settings
+    from seqdpo.stage_settings import stage_settings
     from seqdpo.trainer import SeqDPOTrainer, make_dpo_config
 
     monkeypatch.setattr(logprobs, "CHUNKED_LM_HEAD_ON_CPU", True)  # the accelerator's LM head

@@ -16,7 +16,7 @@ def test_lora_alpha_follows_r_unless_set():
 
 
 def test_disable_dropout_reaches_trl(tmp_path):
-    from seqdpo.job_settings import stage_settings
+    from seqdpo.stage_settings import stage_settings
     from seqdpo.trainer import make_dpo_config
 
     for overrides, disabled in [([], False), (["train.disable_dropout=true"], True)]:

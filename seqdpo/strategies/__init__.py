@@ -95,10 +95,12 @@ def plan_stages(stage_objs: list[str], stage_sets: list[Dataset], settings: list
 
         return replay_stages(stage_objs, stage_sets, settings, own, out, write=write)
     plans = [StagePlan(o, ds, st, p) for o, ds, st, p in zip(stage_objs, stage_sets, settings, own)]
-    if s.name == "anchor" and s.strength > 0:
+    if s.name == "anchor":
         for k in range(1, len(plans)):
-            plans[k].anchor_sets = stage_sets[:k]
-            plans[k].info = {"anchor": s.penalty, "strength": s.strength, "anchored_stages": k}
+            st = settings[k].strategy
+            if st.strength > 0:  # at 0 the stage is sequential's (order.stage_overrides may set it per stage)
+                plans[k].anchor_sets = stage_sets[:k]
+                plans[k].info = {"anchor": st.penalty, "strength": st.strength, "anchored_stages": k}
     if s.name == "merge":
         for p in plans[1:]:
             p.fresh = True

@@ -29,12 +29,13 @@ log = logging.getLogger("seqdpo")
 RECORD = "replay.parquet"
 
 
-def draw(ratio: float, seed: int, own: list[pd.DataFrame]) -> pd.DataFrame:
-    """The replayed pairs of every stage: columns stage (1-based), objective, pair_id."""
+def draw(ratios: list[float], seed: int, own: list[pd.DataFrame]) -> pd.DataFrame:
+    """The replayed pairs of every stage (stage k + 1 at ratios[k], its own ratio): columns stage (1-based),
+    objective, pair_id."""
     rows = []
     for k in range(1, len(own)):
         pool = pd.concat(own[:k], ignore_index=True).drop_duplicates(["objective", "pair_id"], ignore_index=True)
-        n = min(int(round(ratio * len(own[k]))), len(pool))
+        n = min(int(round(ratios[k] * len(own[k]))), len(pool))
         rng = np.random.default_rng([seed, k + 1])
         picked = pool.iloc[np.sort(rng.choice(len(pool), size=n, replace=False))]
         rows.append(picked.assign(stage=k + 1)[["stage", "objective", "pair_id"]])
@@ -42,11 +43,11 @@ def draw(ratio: float, seed: int, own: list[pd.DataFrame]) -> pd.DataFrame:
     return pd.concat([empty, *rows], ignore_index=True)
 
 
-def recorded(ratio: float, seed: int, own: list[pd.DataFrame], out: Path, *, write: bool) -> pd.DataFrame:
+def recorded(ratios: list[float], seed: int, own: list[pd.DataFrame], out: Path, *, write: bool) -> pd.DataFrame:
     path = Path(out) / RECORD
     if path.exists():
         return pd.read_parquet(path)
-    drawn = draw(ratio, seed, own)
+    drawn = draw(ratios, seed, own)
     if write:
         tmp = path.with_suffix(".tmp")
         drawn.to_parquet(tmp, index=False)
@@ -56,8 +57,8 @@ def recorded(ratio: float, seed: int, own: list[pd.DataFrame], out: Path, *, wri
 
 def replay_stages(stage_objs: list[str], stage_sets: list[Dataset], settings: list[StageSettings], own: list[pd.DataFrame],
                   out: Path, *, write: bool):
-    job = settings[0]  # the draw is made once for the job, with its ratio and seed
-    draws = recorded(job.strategy.ratio, job.seed, own, out, write=write)
+    # the draw is made once for the job, each stage at its own ratio (order.stage_overrides), with the run seed
+    draws = recorded([st.strategy.ratio for st in settings], settings[0].seed, own, out, write=write)
     plans = [StagePlan(stage_objs[0], stage_sets[0], settings[0], own[0])]
     for k in range(1, len(stage_sets)):
         picked = draws[draws.stage == k + 1]
@@ -65,7 +66,7 @@ def replay_stages(stage_objs: list[str], stage_sets: list[Dataset], settings: li
         for obj, pid in zip(picked.objective, picked.pair_id):
             rows.append(_locate(obj, pid, own[:k], k + 1))
         parts = [stage_sets[k]] + [stage_sets[j].select([r for jj, r in rows if jj == j]) for j in range(k) if any(jj == j for jj, _ in rows)]
-        requested = int(round(job.strategy.ratio * len(stage_sets[k])))
+        requested = int(round(settings[k].strategy.ratio * len(stage_sets[k])))
         info = {"replayed": len(rows), "replay_requested": requested, "replay_capped": requested - len(rows)}
         if info["replay_capped"] > 0:
             log.warning("stage %d: replay asks for %d earlier pairs, the earlier stages have only %d: capped", k + 1, requested, len(rows))
