@@ -15,7 +15,7 @@ runs, on the same pairs in the same order (sequential sampler for every mode):
                  on) in the pair and the shared_prompt layout
 
 Length distributions: `equal` (prompt PLEN + completions CLEN tokens, no padding anywhere) and `hh`
-(the long-tailed HH-RLHF-like log-normal lengths of docs/gpu_dpo_bench_reference.py, seed 0).
+(the long-tailed HH-RLHF-like log-normal lengths of the project's GPU DPO reference script, seed 0).
 Figures: mean step time over the steps after `--warmup`, pairs/s, real (unpadded) tokens/s, MFU
 (6N FLOPs per real token with a live reference forward, 4N without: the reference script's
 convention), peak memory, the token positions each mode actually runs through the decoder per step

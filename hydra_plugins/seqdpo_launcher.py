@@ -19,6 +19,9 @@ from hydra_plugins.hydra_submitit_launcher import submitit_launcher as base
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf
 
+from seqdpo import submitter
+from seqdpo.submitter import thread_allotment, use_threads
+
 log = logging.getLogger(__name__)
 
 
@@ -26,8 +29,6 @@ class _Seqdpo:
     jobs_at_once = 1  # set before submission; travels with the pickled launcher into every job
 
     def __call__(self, *args: Any, **kwargs: Any) -> JobReturn:  # runs inside the job
-        from seqdpo.submitter import thread_allotment, use_threads
-
         use_threads(thread_allotment(self.params.get("cpus_per_task"), self.jobs_at_once))
         return super().__call__(*args, **kwargs)
 
@@ -35,8 +36,6 @@ class _Seqdpo:
         """The base launcher's submission (same executor, parameters and job arguments), then
         `submitter.watch` and `submitter.collect` instead of its silent `job.results()` per job."""
         import submitit
-
-        from seqdpo import submitter
 
         specific_init_keys = {"max_num_timeout"}
         executor = submitit.AutoExecutor(

@@ -23,15 +23,20 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from seqdpo.cluster import export_ddp_env
 from seqdpo.config import ConfigError, RunConfig, signature
 from seqdpo.data import DataError
 from seqdpo.diskfull import disk_full, disk_full_message
 from seqdpo.distributed import is_main_process
 from seqdpo.job.directory import OutputDirTaken, check_output_dir, claim_output_dir
 from seqdpo.job.lock import OutputDirBusy, job_lock
+from seqdpo.job.log import config_summary, log_result, quiet_libraries
 
 log = logging.getLogger("seqdpo")
 
+# The schema is the first entry of conf/config.yaml's defaults list, so every key starts at its dataclass
+# default and a group file merged over it (lora/r8.yaml: `r: 8`) fills only what it states: the defaults
+# live in seqdpo/config.py alone, and conf/ says what differs from them.
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
 # TRL 1.16 still sets the option name that transformers 5 deprecates: nothing for a user to act on.
 warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
@@ -87,8 +92,7 @@ def main(cfg: DictConfig) -> dict:
         group = None
         if hc.mode == RunMode.MULTIRUN:
             group = os.path.basename(os.path.normpath(hc.sweep.dir))
-        from seqdpo.cluster import export_ddp_env
-        from seqdpo.job.log import config_summary, log_result, quiet_libraries
+        quiet_libraries()  # first: TRL, which the runner imports, prints a line when it loads W&B's integration
         from seqdpo.runner import run_job  # heavy imports (torch, trl) only once the config is valid
 
         export_ddp_env()  # SLURM job with tasks_per_node > 1: one DDP rank per task (conf/hydra/launcher/slurm_ddp.yaml)
@@ -101,7 +105,6 @@ def main(cfg: DictConfig) -> dict:
                 claim_output_dir(out, run_cfg, signature(run_cfg))
                 lock.record_holder()
                 _save_hydra_files(out / ".hydra", cfg, hc)
-            quiet_libraries()
             log.info("%s", config_summary(run_cfg, signature(run_cfg), str(out)))
             import torch  # already loaded by seqdpo.runner
 

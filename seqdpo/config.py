@@ -8,8 +8,10 @@ a `RunConfig`, which a notebook can build by hand.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import typing
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
@@ -106,14 +108,16 @@ class LossConfig:
     beta_pos: Optional[float] = None  # flex_dpo: beta of the chosen term (None = the run's beta)
     beta_neg: Optional[float] = None  # flex_dpo: absolute beta of the rejected term (None = beta_neg_ratio * beta_pos)
     beta_neg_ratio: Optional[float] = None  # flex_dpo: beta_neg / beta_pos (None = 1: plain DPO)
-    gamma: float = 0.1  # sft_dpo: weight of the chosen NLL
-    spo_lambda: float = 1.0  # spo: weight of the penalty on the chosen log-prob falling below the reference
-    discopop_tau: float = 0.05
+    gamma: float = 0.1  # sft_dpo: weight of the chosen NLL (the paper reports no value)
+    # spo: weight of the penalty on the chosen log-prob falling below the reference; unknown in the paper,
+    # > beta so that a violated constraint dominates the chosen's gradient
+    spo_lambda: float = 1.0
+    discopop_tau: float = 0.05  # discopop: the paper's value
 
 
 @dataclass
 class TrainConfig:
-    epochs: float = 1.0  # per stage
+    epochs: float = 1.0  # per stage (the paper: one epoch)
     max_steps: int = -1  # per stage; > 0 overrides epochs
     batch_size: int = 8  # preference pairs per device step
     grad_accum: int = 1
@@ -172,7 +176,7 @@ class EvalConfig:
     # Per verdict column, the smallest change worth a claim: a verdict whose interval lies inside +-min_effect is
     # "equivalent", one that holds 0 and more than that "inconclusive". Declare it before looking at results.
     min_effect: dict[str, float] = field(default_factory=lambda: dict(MIN_EFFECT))
-    generate: bool = False  # behaviour: generate after every stage and score it (seqdpo/behaviour)
+    generate: bool = False  # behaviour: generate after every stage and score it with `scorer` (seqdpo/behaviour)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
 
 
@@ -233,9 +237,9 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
-    beta: float = 0.3
-    lr: float = 5e-5
-    seed: int = 0
+    beta: float = 0.3  # DPO beta, the paper's value
+    lr: float = 5e-5  # the paper's LoRA learning rate; the tiny model needs ~5e-3 to move visibly
+    seed: int = 0  # data order, LoRA init, subsampling
     reference: str = "base"  # base: frozen base model in every stage | previous: model after the previous stage (sDPO)
     ref_cache_dir: Optional[str] = None  # base-reference log-prob cache; None = outputs/.refcache
 
@@ -287,21 +291,36 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
     return asdict(cfg)
 
 
+def default(key: str) -> Any:
+    """The schema's default of a dotted key ('eval.tie_tolerance'); '???' for one a group file must set (model.name)."""
+    hints = typing.get_type_hints(RunConfig)
+    # lora and logger have no default of their own (a group file picks one): their type's fields do
+    node: Any = RunConfig(**{f.name: hints[f.name]() for f in dataclasses.fields(RunConfig)
+                             if f.default is MISSING and dataclasses.is_dataclass(hints[f.name])})
+    for part in key.split("."):
+        node = getattr(node, part) if dataclasses.is_dataclass(node) else node[part]
+    return node
+
+
+def setting(config: dict, key: str) -> Any:
+    """`key` of a job's saved config (its config.yaml as a dict), or the schema's default when the job predates the key."""
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default(key)
+        node = node[part]
+    return node
+
+
 def signature(cfg: RunConfig) -> str:
     """Identity of the science a job does: same signature = same results, so a rerun may reuse its outputs.
 
-    The logger settings and the cache location do not change results and are left out, so
-    switching W&B on or off keeps a job's identity. So are the strategy keys the strategy does not
-    read, and the whole strategy when it is `sequential`, and the batch layout when it is the default
-    (model.packing changes no log-prob, but LoRA dropout draws its masks over the layout's tokens):
-    jobs from before strategies and layouts existed keep theirs.
+    The logger settings and the cache location do not change results and are left out, so switching W&B
+    on or off keeps a job's identity; so are the strategy keys the strategy does not read (validate()
+    refuses them away from their defaults), so a key added for one strategy leaves the others' jobs as they were.
     """
     d = to_dict(cfg)
     d.pop("logger")
     d.pop("ref_cache_dir")
-    if d["model"]["packing"] == ModelConfig.packing:
-        d["model"].pop("packing")
-    strategy = d.pop("strategy")
-    if strategy["name"] != "sequential":
-        d["strategy"] = {k: strategy[k] for k in ("name", *STRATEGY_KEYS.get(strategy["name"], ()))}
+    d["strategy"] = {k: d["strategy"][k] for k in ("name", *STRATEGY_KEYS.get(cfg.strategy.name, ()))}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]

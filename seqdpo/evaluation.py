@@ -141,15 +141,3 @@ def summarize(pairs: pd.DataFrame, stage_names: list[str], objectives: list[str]
         for key, series in per.items()
     }
     return {"stages": stage_names, "objectives": objectives, "beta": beta, "metrics": metrics}
-
-
-def format_matrix(matrix: dict, metric: str = "accuracy") -> str:
-    """Plain-text table of one metric: a row per stage, a column per objective."""
-    objs, rows = matrix["objectives"], matrix["metrics"][metric]
-    width = max(12, *(len(o) + 2 for o in objs))
-    head = f"{'stage':<18}" + "".join(f"{o:>{width}}" for o in objs)
-    lines = [f"{metric} (rows: after stage, columns: evaluated objective)", head]
-    for k, (stage, row) in enumerate(zip(matrix["stages"], rows)):
-        label = f"{k}:{stage}"
-        lines.append(f"{label:<18}" + "".join(f"{v:>{width}.4f}" for v in row))
-    return "\n".join(lines)

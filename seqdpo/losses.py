@@ -231,7 +231,6 @@ _AOT_PAPER = "Melnyk et al. 2024, Distributional Preference Alignment via Optima
 
 LOSSES: dict[str, LossSpec] = {
     "dpo": LossSpec(sigmoid, "-log sigma(beta delta)", _DPO_PAPER, (), "sigmoid"),
-    "sigmoid": LossSpec(sigmoid, "-log sigma(beta delta) (TRL's name of dpo)", _DPO_PAPER, (), "sigmoid"),
     "hinge": LossSpec(hinge, "relu(1 - beta delta)", "Zhao et al. 2023, SLiC-HF (arXiv:2305.10425)", (), "hinge"),
     "ipo": LossSpec(
         ipo, "(lr+/|y+| - lr-/|y-| - 1/(2 beta))^2", "Azar et al. 2023, IPO (arXiv:2310.12036)", (), "ipo"
@@ -319,6 +318,10 @@ LOSSES: dict[str, LossSpec] = {
         ("spo_lambda",),
     ),
 }
+# Other names of a registered loss (TRL's loss_type for dpo): valid in loss.name and loss.components, with no
+# conf/loss file of their own, since the file of the loss they name already composes the same job.
+ALIASES = {"sigmoid": "dpo"}
+LOSSES.update({alias: LOSSES[name] for alias, name in ALIASES.items()})
 
 
 def loss_components(cfg: LossConfig) -> list[tuple[str, float]]:

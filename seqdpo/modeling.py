@@ -15,7 +15,9 @@ from dataclasses import asdict
 
 import torch
 
+from seqdpo.behaviour.warmstart import apply_warm_start
 from seqdpo.config import ConfigError, LoraSettings, ModelConfig
+from seqdpo.refcache import DEFAULT_CACHE_DIR
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
 # Special tokens delimit every turn, so the tokens of a prompt are always a prefix of the tokens of
@@ -136,9 +138,6 @@ def load_model(cfg: ModelConfig, tokenizer, cache_dir: str | None = None):
     if cfg.name == "tiny":
         model = build_tiny_model(cfg, tokenizer)
         if cfg.tiny.warm_start:
-            from seqdpo.behaviour.warmstart import apply_warm_start
-            from seqdpo.refcache import DEFAULT_CACHE_DIR
-
             apply_warm_start(
                 model, tokenizer, fingerprint=model_fingerprint(cfg, tokenizer), steps=cfg.tiny.warm_start_steps,
                 lr=cfg.tiny.warm_start_lr, cache_dir=cache_dir or DEFAULT_CACHE_DIR,

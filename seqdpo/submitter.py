@@ -17,6 +17,8 @@ import time
 from collections import Counter
 from typing import Callable, Sequence
 
+from seqdpo.job.status import last_line
+
 SQUEUE_EVERY_S = 10.0  # a shared controller should not be asked more often by one waiting user
 
 
@@ -71,8 +73,6 @@ def collect(job, overrides: Sequence[str]):
     paragraph (state, the last line of its error stream, where its logs are) instead of the whole stream."""
     from hydra.core.utils import JobReturn, JobStatus
     from submitit.core.utils import UncompletedJobError
-
-    from seqdpo.sweep_end import last_line
 
     try:
         return job.results()[0]

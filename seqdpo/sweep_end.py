@@ -20,7 +20,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from seqdpo.job.status import observed_state, read_status, where
+from seqdpo.job.status import last_line, observed_state, read_status, where
 from seqdpo.report.jobs import find_job_dirs, over_warn_fraction
 
 
@@ -39,11 +39,6 @@ def _duration(job: Path, status: dict, state: str) -> str:
         end = status.get("updated", start)
     s = max(0, int(end - start))
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
-def last_line(text: str) -> str:
-    """The last non-empty line, stripped (an error's message after its traceback)."""
-    return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "")
 
 
 def _pair_losses(job: Path) -> list[str]:

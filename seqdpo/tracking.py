@@ -16,13 +16,15 @@ import logging
 import os
 import secrets
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from transformers import TrainerCallback
 
-from seqdpo.config import RunConfig
+from seqdpo.config import LoggerConfig
 from seqdpo.filemodes import follow_umask
-from seqdpo.wandb_keys import flat_config
+from seqdpo.wandb_keys import interval_summary, matrix_summary
 
 log = logging.getLogger("seqdpo")
 RUN_ID_FILE = "wandb_run_id.txt"
@@ -38,12 +40,24 @@ def job_run_id(out_dir: Path, signature: str) -> tuple[str, bool]:
     return run_id, True
 
 
+@dataclass(frozen=True)
+class RunLabels:
+    """How W&B shows a job's run (seqdpo.job_settings.run_labels): its name, job type, tags, and the config
+    it stores (the flat keys of seqdpo.wandb_keys and the full resolved config under `cfg`)."""
+
+    name: str
+    job_type: str
+    tags: list[str]
+    config: dict[str, Any]
+
+
 class Tracker:
-    def __init__(self, cfg: RunConfig, out_dir: Path, *, signature: str, group: str | None, finished: bool = False):
+    def __init__(self, logger: LoggerConfig, labels: RunLabels, out_dir: Path, *, signature: str, group: str | None,
+                 finished: bool = False):
         """`finished`: the job was done before this process started (a rerun of a finished job)."""
         self.path = Path(out_dir) / "metrics.jsonl"
         self.run = None
-        if cfg.logger.name == "none":
+        if logger.name == "none":
             return
         run_id, new = job_run_id(out_dir, signature)
         if finished and not new:
@@ -51,7 +65,7 @@ class Tracker:
             return
         import wandb
 
-        os.environ.setdefault("WANDB_MODE", cfg.logger.mode)
+        os.environ.setdefault("WANDB_MODE", logger.mode)
         self.own_data_dir = "WANDB_DATA_DIR" not in os.environ  # one the user chose is left alone
         if self.own_data_dir:
             # W&B stages the files of logged tables and images (read-only copies, ~9 a job) under its data
@@ -60,17 +74,16 @@ class Tracker:
             # removes them. W&B reads the variable whenever it stages a file; finish() unsets it again.
             os.environ["WANDB_DATA_DIR"] = str(Path(out_dir).resolve() / "wandb" / "data")
         self.run = wandb.init(
-            project=cfg.logger.project,
-            entity=cfg.logger.entity,
+            project=logger.project,
+            entity=logger.entity,
             id=run_id,
             resume="allow",
             dir=str(out_dir),
-            group=cfg.logger.group or group or "single",
-            job_type=cfg.reference + "-reference",
-            name=f"{cfg.dataset.name}-{cfg.order.name}-{cfg.loss.name}-b{cfg.beta}-lr{cfg.lr}-r{cfg.lora.r}-s{cfg.seed}",
-            tags=[cfg.dataset.name, f"order={cfg.order.name}", f"loss={cfg.loss.name}", f"reference={cfg.reference}",
-                  f"model={cfg.model.name}", *cfg.logger.tags],
-            config=flat_config(cfg),
+            group=logger.group or group or "single",
+            job_type=labels.job_type,
+            name=labels.name,
+            tags=[*labels.tags, *logger.tags],
+            config=labels.config,
             reinit="create_new",  # one run per job even when a multirun runs several jobs in one process
         )
 
@@ -108,8 +121,6 @@ class Tracker:
     def log_matrix(self, matrix: dict) -> None:
         """Each metric of the stage x objective matrix as summary keys (with intervals and verdicts when
         matrix.json has them) and as one W&B table."""
-        from seqdpo.wandb_keys import interval_summary, matrix_summary
-
         rows = [
             [metric, k, stage, obj, v]
             for metric, values in matrix["metrics"].items()

@@ -16,29 +16,33 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import DPOConfig, DPOTrainer
 
-from seqdpo.config import LossConfig, RunConfig
+from seqdpo.config import LossConfig
 from seqdpo.logprobs import PairCollator, sequence_logps
 from seqdpo.losses import PairLogps, compute_loss
 from seqdpo.packing import DEFAULT_PACKING
 from seqdpo.job.progress import StageProgress
+from seqdpo.stage_settings import StageSettings
 
 log = logging.getLogger("seqdpo")
 SEEN_FILE = "seqdpo_seen.json"  # in each checkpoint: what the stage trained on up to it
 
 
-def make_dpo_config(cfg: RunConfig, output_dir: str, *, seed: int, max_steps: int | None = None) -> DPOConfig:
-    t = cfg.train
+def make_dpo_config(settings: StageSettings, output_dir: str, *, seed: int, max_length: int,
+                    max_steps: int | None = None) -> DPOConfig:
+    """The Trainer's arguments for a stage; `max_steps` is the strategy's override of train.max_steps."""
+    t = settings.train
     return DPOConfig(
         output_dir=output_dir,
         per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
-        learning_rate=cfg.lr,
+        learning_rate=settings.lr,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps if max_steps is None else max_steps,
         lr_scheduler_type=t.lr_scheduler,
@@ -53,8 +57,8 @@ def make_dpo_config(cfg: RunConfig, output_dir: str, *, seed: int, max_steps: in
         bf16=t.bf16,
         gradient_checkpointing=t.gradient_checkpointing,
         use_cpu=not torch.cuda.is_available(),
-        beta=cfg.beta,
-        max_length=cfg.model.max_length,
+        beta=settings.beta,
+        max_length=max_length,
         dataloader_num_workers=0,
         disable_dropout=t.disable_dropout,
     )
@@ -72,10 +76,9 @@ class SeqDPOTrainer(DPOTrainer):
         packing: str = DEFAULT_PACKING,
         callbacks=None,
         label: str = "training",
+        penalty: Callable[[SeqDPOTrainer], Callable[[], torch.Tensor]] | None = None,
     ):
         self.loss_cfg = loss
-        # A callable () -> scalar added to the training loss (strategy=anchor); None for every other strategy.
-        self.penalty = None
         # Pairs and tokens (prompt + chosen + rejected, all processes) the optimizer steps were taken on;
         # None when resumed from a checkpoint that did not record them
         self.seen: dict | None = {"pairs": 0, "tokens": 0}
@@ -100,6 +103,9 @@ class SeqDPOTrainer(DPOTrainer):
         if "ref" in peft_model.peft_config:
             peft_model.delete_adapter("ref")
             peft_model.set_adapter("default")
+        # A callable () -> scalar added to the training loss (strategy=anchor); None for every other strategy.
+        # Built from the trainer itself: the EWC Fisher takes gradients of this trainer's loss at the start.
+        self.penalty = None if penalty is None else penalty(self)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         # Rows arrive tokenized by seqdpo.logprobs.tokenize_pairs (which mirrors TRL's tokenisation and

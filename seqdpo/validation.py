@@ -1,6 +1,6 @@
 """The checks of a RunConfig that need more than types: registries, enumerations, cross-field rules.
 
-`validate()` runs once, in seqdpo.app, before a job loads anything heavy; every error is a
+`validate()` runs once, in seqdpo.app, before the job loads its data and model; every error is a
 `ConfigError` naming the key. The key helpers (`key_hint`, `is_schema_key`) serve the app's answer
 to an override Hydra refused.
 """
@@ -167,7 +167,7 @@ def _check_known_keys(cfg: RunConfig) -> None:
 def key_hint(key: str) -> str:
     """'did you mean 'lr'?' for a key the schema does not have."""
     close = difflib.get_close_matches(key, [k for k, _ in _schema_types(RunConfig)], n=1, cutoff=0.6)
-    return f"did you mean '{close[0]}'?" if close else "the keys are listed in README.md (Configuration)"
+    return f"did you mean '{close[0]}'?" if close else "the keys are listed in docs/configuration.md"
 
 
 def is_schema_key(key: str) -> bool:

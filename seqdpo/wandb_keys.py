@@ -1,7 +1,7 @@
 """The W&B keys a job writes, laid out so runs compare in W&B's UI without hand work.
 
 - config: flat keys `dataset`, `order`, `loss`, `lora_r`, `beta`, `lr`, `seed`, `reference` (group and
-  filter by any of them), the full resolved config under `cfg`.
+  filter by any of them), the full resolved config under `cfg` (seqdpo.job_settings.run_labels).
 - eval series: `eval/<objective>/<metric>` against `eval/stage` (the stage index, 0 = base), one row per
   stage, so a line plot overlays orders.
 - matrix summary: `matrix/<metric>/stage<k>/<objective>`: the same key in every order.
@@ -21,17 +21,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from seqdpo.config import RunConfig, to_dict
-
 PER_OBJECTIVE = ("learning", "forgetting", "forward", "backward")
 AGGREGATES = ("BWT", "FWT", "forgetting", "forgetting_max", "ACC")
-
-
-def flat_config(cfg: RunConfig) -> dict[str, Any]:
-    return {
-        "dataset": cfg.dataset.name, "order": cfg.order.name, "loss": cfg.loss.name, "lora_r": cfg.lora.r,
-        "beta": cfg.beta, "lr": cfg.lr, "seed": cfg.seed, "reference": cfg.reference, "cfg": to_dict(cfg),
-    }
 
 
 def eval_row(stage: int, summary: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -317,16 +317,13 @@ class _FakeTrainer:
         self.callbacks.remove(cb)
 
 
-def _cfg(**diag):
-    from seqdpo.config import (DatasetConfig, LoggerConfig, LoraSettings, LossConfig, ModelConfig, OrderConfig,
-                               RunConfig)
+def _recorder(out, objs, **diag):
+    """A recorder of a two-stage job (objectives A then B) with a rank-1 adapter at alpha 2."""
+    from seqdpo.config import DiagnosticsConfig, EvalConfig, ModelConfig
 
-    cfg = RunConfig(model=ModelConfig(name="tiny"), dataset=DatasetConfig(name="synthetic", objectives=["A", "B"]),
-                    order=OrderConfig(name="ab", stages=["a", "b"]), lora=LoraSettings(r=1, alpha=2),
-                    loss=LossConfig(), logger=LoggerConfig())
-    for k, v in diag.items():
-        setattr(cfg.diagnostics, k, v)
-    return cfg
+    return DiagnosticsRecorder(DiagnosticsConfig(**diag), out, objs, stage_objectives=["A", "B"], lora_scaling=2.0,
+                               max_length=ModelConfig.max_length, batch_size=EvalConfig.batch_size,
+                               tie_tolerance=EvalConfig.tie_tolerance)
 
 
 def test_recorder_hooks_on_a_linear_model(tmp_path):
@@ -335,7 +332,7 @@ def test_recorder_hooks_on_a_linear_model(tmp_path):
     cA = [0, 0, 1, 0, 0, 0, 0, 0]
     cB = [0, 0, -1, 0, 0, 0, 1, 0]
     objs = {"A": [{"c": cA}] * 2, "B": [{"c": cB}] * 2}
-    rec = DiagnosticsRecorder(_cfg(likelihood=False, probe_pairs=2), tmp_path, objs)
+    rec = _recorder(tmp_path, objs, likelihood=False, probe_pairs=2)
     tr = _FakeTrainer()
     rec.on_stage_start(1, tr)
     with torch.no_grad():  # "train" stage 1: one SGD step of size 1 on A's loss
@@ -373,7 +370,7 @@ def test_recorder_traces_cosines_at_points_spread_over_the_stage(tmp_path):
     # B's two blocks disagree on v: its split-half cosine is cos([0,0,1,0,0,0,1,0], [0,0,1,0,0,0,-1,0]) = 0, so its
     # reliability 2 f / (1 + f) is 0 and the disattenuated cosine is withheld
     objs = {"A": [{"c": [0, 0, 1, 0, 0, 0, 0, 0]}] * 2, "B": [{"c": [0, 0, 1, 0, 0, 0, 1, 0]}, {"c": [0, 0, 1, 0, 0, 0, -1, 0]}]}
-    rec = DiagnosticsRecorder(_cfg(likelihood=False, grad_cosine_points=3, probe_pairs=2, probe_blocks=2), tmp_path, objs)
+    rec = _recorder(tmp_path, objs, likelihood=False, grad_cosine_points=3, probe_pairs=2, probe_blocks=2)
     tr = _FakeTrainer()
     rec.on_stage_start(1, tr)
     (cb,) = tr.callbacks

@@ -16,6 +16,7 @@ from seqdpo.behaviour.prompts import generation_prompts, prompt_key
 from seqdpo.behaviour.scorers import OracleScorer, RewardModelScorer, ScoringContext, TrainedRMScorer, oracle_score
 from seqdpo.data import DataError, build_objectives
 from seqdpo.data import synthetic as S
+from seqdpo.job_settings import scoring_settings
 from seqdpo.modeling import load_model_and_tokenizer
 
 WELL_FORMED = re.compile(r"^(%s) : [a-z ]+ \.$" % "|".join(S.TOPICS))
@@ -192,7 +193,7 @@ def test_reward_model_scores_a_local_sequence_classifier(tmp_path):
     _tiny_reward_model(tmp_path / "rm", tok)
     cfg = run_config(["eval.generate=true", "scorer=reward_model", "scorer.batch_size=3",
                       f"++scorer.models={{polite:{tmp_path / 'rm'},factual:{tmp_path / 'rm'}}}"])
-    scorer = RewardModelScorer(ScoringContext(cfg))
+    scorer = RewardModelScorer(ScoringContext(scoring_settings(cfg)))
     assert scorer.supports("polite") and not scorer.supports("unseen")
     prompt = [{"role": "user", "content": "tell me about tea ."}]
     texts = ["tea : please .", "tea : it is a thing that many people know about .", "tea : correct honest one some .", "", "tea"]
@@ -208,7 +209,7 @@ def test_trained_rm_ranks_held_out_pairs_like_the_oracle(warm_base, warm_cache):
     _, model, tok = warm_base
     cfg = run_config(["eval.generate=true", "scorer=trained_rm", f"ref_cache_dir={warm_cache}"])
     objectives = build_objectives(cfg.dataset, 0)
-    ctx = ScoringContext(cfg, tok, model, "fp-tiny", objectives, warm_cache)
+    ctx = ScoringContext(scoring_settings(cfg), tok, model, "fp-tiny", objectives, warm_cache)
     scorer = TrainedRMScorer(ctx)
     ev = objectives["polite"].eval
     chosen = [r[0]["content"] for r in ev["chosen"]]
@@ -376,7 +377,7 @@ def test_behaviour_outputs_and_implicit_scores_equal_the_matrix(resumed_job):
         assert row.nll_base == pytest.approx(own, rel=1e-4)
     assert guards.well_formed.isin([0.0, 1.0]).all() and guards.distinct_1.between(0, 1).all()
     model = PeftModel.from_pretrained(base, out / "stage_1" / "adapter")
-    scorer = ImplicitScorer(ScoringContext(cfg, tok, model, model_fingerprint(cfg.model, tok), objectives, cfg.ref_cache_dir))
+    scorer = ImplicitScorer(ScoringContext(scoring_settings(cfg), tok, model, model_fingerprint(cfg.model, tok), objectives, cfg.ref_cache_dir))
     ev = objectives["factual"].eval
     rc = scorer.score("factual", list(ev["prompt"]), [r[0]["content"] for r in ev["chosen"]])
     rr = scorer.score("factual", list(ev["prompt"]), [r[0]["content"] for r in ev["rejected"]])

@@ -34,9 +34,14 @@ def test_missing_sbatch_stops_the_cli_before_submitting(tmp_path):
     assert not (tmp_path / "sweep" / ".submitit").exists()  # nothing was submitted
 
 
-def test_callback_ignores_other_launchers():
-    cfg = OmegaConf.create({"hydra": {"launcher": {"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}}})
-    SlurmPreflight().on_multirun_start(cfg)  # no SLURM involved: must not check (nor fail) anything
+def test_callback_ignores_other_launchers(monkeypatch):
+    from conftest import compose
+
+    monkeypatch.setenv("PATH", _path_without("sbatch"))  # here a check fails, so a check that runs is seen
+    with pytest.raises(SystemExit, match="`sbatch` is not on PATH"):
+        SlurmPreflight().on_multirun_start(compose(["hydra/launcher=slurm"], hydra_cfg=True))
+    for launcher in ("local", "local_submitit"):  # registered by hand beside another launcher: nothing to check
+        SlurmPreflight().on_multirun_start(compose([f"hydra/launcher={launcher}"], hydra_cfg=True))
 
 
 def test_only_slurm_presets_register_the_check():
@@ -163,7 +168,7 @@ def test_ddp_env_from_a_two_task_submitit_job(monkeypatch):
 
 @pytest.mark.slurm
 def test_a_preset_bigger_than_the_node_is_refused_before_submission(slurm_cluster, tmp_path):
-    """The README's first attempt on the local SLURM: `slurm` (8 CPUs, 64 GB) on the 2-CPU node used to pass the
+    """The first attempt on the local SLURM in docs/cluster.md: `slurm` (8 CPUs, 64 GB) on the 2-CPU node used to pass the
     pre-flight and sit in PD (PartitionConfig) in silence; the small-partition preset fits."""
     sweep = tmp_path / "sweep"
     proc = run(seqdpo_cmd("hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=0",

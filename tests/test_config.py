@@ -1,5 +1,7 @@
 """Every option of every config group composes into a valid RunConfig; bad config fails with a clear error."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
@@ -35,8 +37,38 @@ def test_every_option_composes(group, option):
     # An interpolation in a group file (model.tiny.warm_start: ${eval.generate}) refers to the whole config.
     root = {**OmegaConf.to_container(compose([f"{group}={option}", *extra])), group: written}
     written = OmegaConf.to_container(OmegaConf.create(root), resolve=True)[group]
-    # Every key the file sets reached the typed node unchanged.
-    assert {k: node[k] for k in written} == written
+    # Every key the file sets, nested ones included, reached the typed node unchanged.
+    leaves = dict(_leaves(node))
+    assert {k: leaves[k] for k, _ in _leaves(written)} == dict(_leaves(written))
+
+
+def _leaves(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+# The key that names a group's option (loss/dpo.yaml's `name: dpo`, lora/r32.yaml's `r: 32`) says which option
+# it is, so it stays even where it equals the schema's default; dataset.options are the builders' (test_data.py).
+NAMING_KEYS = {"name", "r"}
+
+
+@pytest.mark.parametrize("group,option", [("", "config"), *OPTIONS])
+def test_conf_files_state_only_what_differs_from_the_schema(group, option):
+    from omegaconf import OmegaConf
+
+    from seqdpo.config import default
+
+    path = Path(group, f"{option}.yaml")
+    written = OmegaConf.to_container(OmegaConf.load(CONF / path))
+    for key in ("defaults", "hydra"):
+        written.pop(key, None)
+    prefix = f"{group}." if group else ""
+    repeated = [k for k, v in _leaves(written) if k not in NAMING_KEYS and not k.startswith("options.")
+                and v == default(prefix + k)]
+    assert not repeated, f"conf/{path} repeats the schema's defaults of {repeated} (seqdpo/config.py)"
 
 
 def test_defaults_reproduce_the_paper():

@@ -84,6 +84,15 @@ def test_every_dataset_has_a_conf_file():
 
 
 @pytest.mark.parametrize("yaml_path", DATASET_CONFS, ids=lambda p: p.stem)
+def test_conf_lists_the_builders_options_at_their_defaults(yaml_path):
+    # Listed so that a plain override (dataset.options.relation=...) may set them; the values are the builder's.
+    import importlib
+
+    builder = importlib.import_module(f"seqdpo.data.{yaml_path.stem}")
+    assert dict(conf_dataset(yaml_path).options) == getattr(builder, "DEFAULTS", {})
+
+
+@pytest.mark.parametrize("yaml_path", DATASET_CONFS, ids=lambda p: p.stem)
 def test_conf_builds_contract_rows(yaml_path):
     name = yaml_path.stem
     path = str(FIXTURES / name) if name in HUB_DATASETS else None

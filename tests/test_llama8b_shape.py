@@ -105,6 +105,7 @@ def test_llama31_8b_shape_trains_and_evaluates_on_cpu(tmp_path, record_property,
     from seqdpo.logprobs import tokenize_pairs
     from seqdpo.modeling import build_tiny_model, build_word_tokenizer, make_lora_config, model_fingerprint
     from seqdpo.refcache import reference_logps, with_reference_columns
+    from seqdpo.job_settings import stage_settings
     from seqdpo.trainer import SeqDPOTrainer, make_dpo_config
 
     monkeypatch.setattr(logprobs, "CHUNKED_LM_HEAD_ON_CPU", True)  # the accelerator's LM head
@@ -130,7 +131,8 @@ def test_llama31_8b_shape_trains_and_evaluates_on_cpu(tmp_path, record_property,
     )
     rows = with_reference_columns(tds, ref)
 
-    args = make_dpo_config(cfg, str(tmp_path / "checkpoints"), seed=cfg.seed)
+    (settings, *_) = stage_settings(cfg)
+    args = make_dpo_config(settings, str(tmp_path / "checkpoints"), seed=cfg.seed, max_length=cfg.model.max_length)
     assert args.bf16 and args.gradient_checkpointing
     trainer = SeqDPOTrainer(
         model=peft_model, args=args, train_dataset=rows, processing_class=tok, loss=cfg.loss, packing=cfg.model.packing

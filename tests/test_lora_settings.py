@@ -16,10 +16,12 @@ def test_lora_alpha_follows_r_unless_set():
 
 
 def test_disable_dropout_reaches_trl(tmp_path):
+    from seqdpo.job_settings import stage_settings
     from seqdpo.trainer import make_dpo_config
 
-    assert make_dpo_config(run_config(), str(tmp_path), seed=0).disable_dropout is False
-    assert make_dpo_config(run_config(["train.disable_dropout=true"]), str(tmp_path), seed=0).disable_dropout is True
+    for overrides, disabled in [([], False), (["train.disable_dropout=true"], True)]:
+        (settings, *_) = stage_settings(run_config(overrides))
+        assert make_dpo_config(settings, str(tmp_path), seed=0, max_length=64).disable_dropout is disabled
 
 
 @pytest.mark.slow

@@ -320,7 +320,7 @@ def hh_root(tmp_path, harmless_train: list[str], harmless_test: list[str]) -> Pa
 @NEEDS_REAL_HH
 def test_real_hh_rows_are_all_accounted_for(tmp_path, tok):
     """The 2,312 rows of the real split as objective `harmless`: all accounted at the tiny model's
-    max_length (256) (README, "What gets dropped, and why")."""
+    max_length (256) (docs/datasets.md, "What gets dropped, and why")."""
     root = hh_root(tmp_path, read_lines(FIXTURE_HH / "harmless-base" / "train.jsonl.gz"), read_lines(REAL_HH))
     objective = build_objectives(hh_cfg(root), seed=0)["harmless"]
     a = prepare_pairs({"harmless": objective}, tok, hh_cfg(root, warn_fraction=1.0), 256, seed=0).table()["harmless"]["eval"]

@@ -186,8 +186,6 @@ def test_report_cli_empty_and_broken_jobs(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(2400)  # a real sweep, allowed 1500 s, then the report
 def test_report_on_real_tiny_multirun(tmp_path):
-    if not Path(__file__).parent.parent.joinpath("seqdpo", "runner.py").exists():
-        pytest.skip("runner not available")
     sweep = tmp_path / "sweep"
     env = {**os.environ, "MPLBACKEND": "Agg", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
     r = subprocess.run(

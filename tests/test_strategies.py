@@ -51,13 +51,20 @@ def _sets(sizes=(8, 8), names=("polite", "factual")):
     return list(names), [_set(n, k) for n, k in zip(names, sizes)]
 
 
-@pytest.mark.parametrize("ratio,expected", [(0.25, 2), (0.5, 4), (2.0, 8)])
-def test_replay_draws_the_ratio_once_and_trains_on_the_record(tmp_path, ratio, expected):
+def _plan(cfg, objs, sets, out, *, write=True):
+    """The plan of `objs` with every stage at the job's settings (seqdpo.job_settings.stage_settings)."""
+    from seqdpo.job_settings import stage_settings
     from seqdpo.strategies import plan_stages
 
+    (job, *_) = stage_settings(cfg)
+    return plan_stages(objs, sets, [job] * len(objs), out, dataset=cfg.dataset.name, write=write)
+
+
+@pytest.mark.parametrize("ratio,expected", [(0.25, 2), (0.5, 4), (2.0, 8)])
+def test_replay_draws_the_ratio_once_and_trains_on_the_record(tmp_path, ratio, expected):
     cfg = run_config(["strategy=replay", f"strategy.ratio={ratio}"])
     objs, sets = _sets((8, 8))
-    plans = plan_stages(cfg, objs, sets, tmp_path, write=True)
+    plans = _plan(cfg, objs, sets, tmp_path, write=True)
     record = pd.read_parquet(tmp_path / "replay.parquet")
     assert len(record) == expected and set(record.stage) == {2} and set(record.objective) == {"polite"}
     assert len(plans[0].train) == 8 and plans[0].info == {}
@@ -70,25 +77,24 @@ def test_replay_draws_the_ratio_once_and_trains_on_the_record(tmp_path, ratio, e
     # a rerun trains on the recorded pairs, not on a new draw
     record = record.iloc[1:]
     record.to_parquet(tmp_path / "replay.parquet", index=False)
-    again = plan_stages(cfg, objs, sets, tmp_path, write=True)[1]
+    again = _plan(cfg, objs, sets, tmp_path, write=True)[1]
     assert sorted(again.pairs[again.pairs.objective == "polite"].pair_id) == sorted(record.pair_id)
 
 
 def test_replay_pool_is_every_earlier_stage_and_the_draw_follows_the_seed(tmp_path):
-    from seqdpo.strategies import plan_stages
     from seqdpo.strategies.replay import draw
 
     objs, sets = _sets((8, 8, 8), ("polite", "factual", "concise"))
     cfg = run_config(["strategy=replay", "strategy.ratio=1.0", "order.stages=[a,b,c]",
                       "dataset.objectives=[polite,factual,concise]"])
-    plans = plan_stages(cfg, objs, sets, tmp_path, write=False)
+    plans = _plan(cfg, objs, sets, tmp_path, write=False)
     assert not (tmp_path / "replay.parquet").exists()  # write=False: a DDP rank other than 0
     assert set(plans[2].pairs.objective) == {"polite", "factual", "concise"} and len(plans[2].train) == 16
     own = [p.pairs[p.pairs.objective == o] for p, o in zip(plans, objs)]
-    first = draw(cfg, own)
-    assert first.equals(draw(cfg, own))
+    first = draw(cfg.strategy.ratio, cfg.seed, own)
+    assert first.equals(draw(cfg.strategy.ratio, cfg.seed, own))
     cfg.seed = 1
-    assert not first.equals(draw(cfg, own))
+    assert not first.equals(draw(cfg.strategy.ratio, cfg.seed, own))
 
 
 @pytest.mark.parametrize("n,batch,accum,epochs", [(8, 8, 1, 1.0), (9, 4, 1, 1.0), (12, 4, 2, 1.0), (10, 4, 1, 2.5), (3, 8, 4, 1.0)])
@@ -103,33 +109,29 @@ def test_optimizer_steps_is_what_the_trainer_runs(n, batch, accum, epochs, tmp_p
                              num_train_epochs=epochs, use_cpu=True, report_to="none")
     trainer = Trainer(model=torch.nn.Linear(1, 1), args=args, train_dataset=[{"x": i} for i in range(n)])
     expected = trainer.set_initial_training_values(args, trainer.get_train_dataloader())[6]  # its max_steps
-    assert optimizer_steps(cfg, n) == expected
+    assert optimizer_steps(cfg.train, n) == expected
 
 
 def test_replay_without_match_steps_passes_over_every_pair(tmp_path):
-    from seqdpo.strategies import plan_stages
-
     cfg = run_config(["strategy=replay", "strategy.ratio=1.0", "strategy.match_steps=false"])
     objs, sets = _sets((8, 8))
-    assert plan_stages(cfg, objs, sets, tmp_path, write=True)[1].max_steps is None  # 16 pairs: 2 steps, sequential's 1
+    assert _plan(cfg, objs, sets, tmp_path, write=True)[1].max_steps is None  # 16 pairs: 2 steps, sequential's 1
 
 
 def test_joint_is_one_stage_on_the_union(tmp_path):
-    from seqdpo.strategies import plan_stages
-
     objs, sets = _sets((8, 6))
-    (plan,) = plan_stages(run_config(["strategy=joint"]), objs, sets, tmp_path, write=True)
+    (plan,) = _plan(run_config(["strategy=joint"]), objs, sets, tmp_path, write=True)
     assert plan.name == "joint" and len(plan.train) == 14 and plan.max_steps == 2  # sequential: 1 step a stage at batch 8
     assert plan.info["contradictory_pairs"] == 0
     from seqdpo.strategies import row_names
 
     assert row_names("joint", objs) == ["joint"] and row_names("replay", objs) == objs
     assert plan.pairs.objective.value_counts().to_dict() == {"polite": 8, "factual": 6}
-    (plan,) = plan_stages(run_config(["strategy=joint", "train.max_steps=5"]), objs, sets, tmp_path, write=True)
+    (plan,) = _plan(run_config(["strategy=joint", "train.max_steps=5"]), objs, sets, tmp_path, write=True)
     assert plan.max_steps == 10  # as many steps as the two sequential stages
     # an objective in two stages (no partition) trains once in the union; the repeats are counted
     cfg = run_config(["strategy=joint", "order.stages=[a,b,a]"])
-    (plan,) = plan_stages(cfg, ["polite", "factual", "polite"], [sets[0], sets[1], sets[0]], tmp_path, write=True)
+    (plan,) = _plan(cfg, ["polite", "factual", "polite"], [sets[0], sets[1], sets[0]], tmp_path, write=True)
     assert len(plan.train) == 14 and plan.info["repeated_pairs_dropped"] == 8
 
 
@@ -146,22 +148,39 @@ def test_joint_counts_and_warns_about_the_synthetic_worlds_contradictions(tmp_pa
     """The conflicting world's coupled pairs are twins across objectives (polite over factual, factual over
     polite): every pair at strength 1, about half at 0.5 (the study's setting), none when orthogonal."""
     from seqdpo.data import build_objectives
-    from seqdpo.strategies import plan_stages
-
     cfg = run_config(["experiment=mitigations", "strategy=joint", f"dataset.options.relation={relation}",
                       f"dataset.options.strength={strength}"])
     objectives = build_objectives(cfg.dataset, cfg.seed)
     with caplog.at_level("WARNING", logger="seqdpo"):
-        (plan,) = plan_stages(cfg, ["polite", "factual"], [objectives[o].train for o in ("polite", "factual")], tmp_path, write=True)
+        (plan,) = _plan(cfg, ["polite", "factual"], [objectives[o].train for o in ("polite", "factual")], tmp_path, write=True)
     assert plan.info["contradictory_pairs"] == expected
     assert (f"joint: {expected} of the 256 pairs in the union have a twin" in caplog.text) == (expected > 0)
 
 
+def test_each_stage_plans_with_its_own_settings(tmp_path):
+    """A plan carries each stage's settings (seqdpo.stage_settings): replay's match_steps counts stage 2's steps
+    with stage 2's batch size, and the settings must match the stages one to one."""
+    from dataclasses import replace
+
+    from seqdpo.job_settings import stage_settings
+    from seqdpo.strategies import plan_stages
+
+    cfg = run_config(["strategy=replay", "strategy.ratio=1.0"])
+    first, second = stage_settings(cfg)
+    second = replace(second, lr=1e-3, train=replace(second.train, batch_size=2))
+    objs, sets = _sets((8, 8))
+    plans = plan_stages(objs, sets, [first, second], tmp_path, dataset=cfg.dataset.name, write=False)
+    assert [p.settings for p in plans] == [first, second]
+    assert plans[1].max_steps == 4  # its own 8 pairs at batch 2 (the job's batch, 8, would be 1 step)
+    with pytest.raises(ValueError, match="1 stage settings for the 2 stages"):
+        plan_stages(objs, sets, [first], tmp_path, dataset=cfg.dataset.name, write=False)
+
+
 def test_merge_trains_fresh_adapters_then_a_merged_row(tmp_path):
-    from seqdpo.strategies import plan_stages, row_names
+    from seqdpo.strategies import row_names
 
     objs, sets = _sets()
-    plans = plan_stages(run_config(["strategy=merge", "strategy.method=ties"]), objs, sets, tmp_path, write=True)
+    plans = _plan(run_config(["strategy=merge", "strategy.method=ties"]), objs, sets, tmp_path, write=True)
     assert [p.name for p in plans] == ["polite", "factual", "merged"]
     assert [p.fresh for p in plans] == [False, True, False] and plans[2].train is None and plans[2].merge == (1, 2)
     assert plans[2].info == {"method": "ties", "weights": [1.0, 1.0], "density": 0.5}  # ties averages by itself

@@ -1,4 +1,4 @@
-"""The README's sweep over real datasets runs as typed, with only the hub replaced by fixture files.
+"""The sweep over real datasets of docs/sweeps.md runs as typed, with only the hub replaced by fixture files.
 
 `python -m seqdpo -m dataset=hh_rlhf,pku_saferlhf order=ab,ba beta=0.1,0.3 lora=r16,r32`: 16 jobs,
 each in its own output directory with its own matrix.

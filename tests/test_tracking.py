@@ -5,6 +5,7 @@ import pytest
 
 from conftest import SMALL_JOB, run_config
 from seqdpo.config import signature
+from seqdpo.job_settings import run_labels
 from seqdpo.tracking import Tracker
 
 
@@ -17,7 +18,7 @@ def test_each_job_directory_has_its_own_run_id(tmp_path):
     cfg = run_config([*SMALL_JOB, "logger=wandb"])
     for name, x in (("a", 1.0), ("b", 2.0), ("a", 3.0)):  # a twice: a requeued or resumed job
         (tmp_path / name).mkdir(exist_ok=True)
-        tracker = Tracker(cfg, tmp_path / name, signature=signature(cfg), group="g")
+        tracker = Tracker(cfg.logger, run_labels(cfg), tmp_path / name, signature=signature(cfg), group="g")
         tracker.series("eval", "stage", [{"stage": 0, "polite/accuracy": x}])
         tracker.finish()
     runs = {name: [read_closed_run(f) for f in sorted((tmp_path / name / "wandb").glob("offline-run-*/run-*.wandb"))]
@@ -28,7 +29,7 @@ def test_each_job_directory_has_its_own_run_id(tmp_path):
     assert [r["history"][0]["eval/polite/accuracy"] for r in runs["a"]] == [1.0, 3.0]
 
     # a finished job's rerun opens no run: its W&B run already holds everything
-    Tracker(cfg, tmp_path / "b", signature=signature(cfg), group="g", finished=True).finish()
+    Tracker(cfg.logger, run_labels(cfg), tmp_path / "b", signature=signature(cfg), group="g", finished=True).finish()
     assert len(list((tmp_path / "b" / "wandb").glob("offline-run-*"))) == 1
 
 
@@ -64,7 +65,7 @@ def test_wandb_stages_its_files_in_the_job_directory_not_the_home(tmp_path, monk
     cfg = run_config([*SMALL_JOB, "logger=wandb"])
     job = tmp_path / "job"
     job.mkdir()
-    tracker = Tracker(cfg, job, signature=signature(cfg), group="g")
+    tracker = Tracker(cfg.logger, run_labels(cfg), job, signature=signature(cfg), group="g")
     tracker.log_tables({"transfer": pd.DataFrame({"stage": [1, 2], "value": [0.5, 0.25]})})
     tracker.finish()
     staged = list((job / "wandb" / "data" / "artifacts" / "staging").rglob("*"))

@@ -17,6 +17,7 @@ from seqdpo.analysis import gradient_probes as GP
 from seqdpo.analysis import likelihood as L
 from seqdpo.analysis import pairs as P
 from seqdpo.analysis import transfer as T
+from seqdpo.config import DiagnosticsConfig, EvalConfig
 
 
 def pair_key(a: str, b: str) -> str:
@@ -26,9 +27,9 @@ def pair_key(a: str, b: str) -> str:
 def job_analysis(
     pairs: pd.DataFrame,
     matrix: dict,
-    stay_threshold: float = 0.1,
-    min_fraction: float = 0.2,
-    tie_tolerance: float = 0.0,
+    stay_threshold: float = DiagnosticsConfig.stay_threshold,
+    min_fraction: float = DiagnosticsConfig.redistribution_min_fraction,
+    tie_tolerance: float = EvalConfig.tie_tolerance,
 ) -> dict[str, Any]:
     """Everything that follows from the per-pair table and the matrix alone (no model needed)."""
     stages = list(matrix["stages"])

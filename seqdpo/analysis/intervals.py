@@ -45,7 +45,7 @@ from scipy import stats
 from seqdpo.analysis import pairs as P
 from seqdpo.analysis import seed_inference as S
 from seqdpo.analysis import transfer as T
-from seqdpo.config import MIN_EFFECT
+from seqdpo.config import MIN_EFFECT, DiagnosticsConfig, EvalConfig
 from seqdpo.evaluation import MATRIX_STATS
 
 LEVEL = 0.95
@@ -194,8 +194,9 @@ def reading(stages: list[str], objective: str, t: int) -> str:
     return "retention" if baseline_stage(stages, objective, t) else "transfer"
 
 
-def bootstrap(pairs: pd.DataFrame, matrix: dict, *, n_boot: int, seed: int, stay_threshold: float = 0.1,
-              tie_tolerance: float = 0.0) -> Bootstrap:
+def bootstrap(pairs: pd.DataFrame, matrix: dict, *, n_boot: int, seed: int,
+              stay_threshold: float = DiagnosticsConfig.stay_threshold,
+              tie_tolerance: float = EvalConfig.tie_tolerance) -> Bootstrap:
     """Point values and `n_boot` paired replicates of every statistic of a job's pairs and matrix."""
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
@@ -370,8 +371,9 @@ def dropped_message(boot: Bootstrap) -> str | None:
     return "intervals leave out " + ", ".join(parts) + " missing at some stage" if parts else None
 
 
-def job_intervals(pairs: pd.DataFrame, matrix: dict, *, n_boot: int, seed: int, stay_threshold: float = 0.1,
-                  tie_tolerance: float = 0.0, min_effect: dict[str, float] | None = None) -> dict[str, Any]:
+def job_intervals(pairs: pd.DataFrame, matrix: dict, *, n_boot: int, seed: int,
+                  stay_threshold: float = DiagnosticsConfig.stay_threshold, tie_tolerance: float = EvalConfig.tie_tolerance,
+                  min_effect: dict[str, float] | None = None) -> dict[str, Any]:
     """{"intervals": ..., "verdicts": ...} for matrix.json (empty when n_boot is 0: intervals switched off)."""
     if not n_boot:
         return {}

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from seqdpo.analysis.transfer import as_value
+from seqdpo.config import DiagnosticsConfig, EvalConfig
 
 QUARTILES = ("Q1", "Q2", "Q3", "Q4")
 DECOMPOSED_COLUMNS = ("margin", "norm_margin")  # the per-pair values job analysis decomposes
@@ -66,8 +67,8 @@ def quartile_decomposition(
     before: pd.Series,
     after: pd.Series,
     threshold: float,
-    tie_tolerance: float = 0.0,
-    min_fraction: float = 0.2,
+    tie_tolerance: float = EvalConfig.tie_tolerance,
+    min_fraction: float = DiagnosticsConfig.redistribution_min_fraction,
 ) -> dict[str, Any]:
     """Quartile table for one (objective, trained stage, later stage); series are indexed by pair_id.
 
@@ -104,9 +105,9 @@ def pair_decomposition(
     pairs: pd.DataFrame,
     stages: list[str],
     column: str = "margin",
-    stay_threshold: float = 0.1,
-    min_fraction: float = 0.2,
-    tie_tolerance: float = 0.0,
+    stay_threshold: float = DiagnosticsConfig.stay_threshold,
+    min_fraction: float = DiagnosticsConfig.redistribution_min_fraction,
+    tie_tolerance: float = EvalConfig.tie_tolerance,
 ) -> list[dict[str, Any]]:
     """quartile_decomposition for every objective trained before the last stage and every later stage.
 

@@ -35,7 +35,7 @@ from seqdpo.analysis import gradients as G
 from seqdpo.analysis import likelihood as L
 from seqdpo.analysis import movement as M
 from seqdpo.analysis.diagnostics import compact_stage, job_analysis, jsonable
-from seqdpo.config import stage_objectives
+from seqdpo.config import DiagnosticsConfig
 from seqdpo.distributed import is_main_process
 from seqdpo.logprobs import sequence_logps
 
@@ -61,22 +61,26 @@ def _grad_cosine_callback(recorder: "DiagnosticsRecorder", trainer, points: int)
 
 
 class DiagnosticsRecorder:
-    def __init__(self, cfg, out_dir, objectives_tokenized: dict, grad_probes: dict | None = None):
-        self.cfg = cfg
-        self.dcfg = cfg.diagnostics
+    def __init__(self, settings: DiagnosticsConfig, out_dir, objectives_tokenized: dict, *, stage_objectives: list[str],
+                 lora_scaling: float, max_length: int, batch_size: int, tie_tolerance: float,
+                 fresh_stages: frozenset[int] = frozenset(), grad_probes: dict | None = None):
+        """`stage_objectives`: the strategy's rows after base (joint: one stage; merge: a merged row);
+        `fresh_stages`: those that train from the initial adapter rather than the previous stage's (merge);
+        `lora_scaling`: alpha / r, which turns the factors' movement into the weights'; `max_length`,
+        `batch_size`: the off-prompt probe's forwards; `tie_tolerance`: the job analysis's ties."""
+        self.dcfg = settings
         self.out_dir = Path(out_dir)
-        self.stage_objectives = stage_objectives(cfg)
+        self.stage_objectives = list(stage_objectives)
+        self.fresh_stages = fresh_stages
+        self.max_length, self.batch_size, self.tie_tolerance = max_length, batch_size, tie_tolerance
         self.objectives = list(objectives_tokenized)
         n = int(self.dcfg.probe_pairs)
         self.probes = {name: [ds[i] for i in range(min(n, len(ds)))] for name, ds in objectives_tokenized.items()}
         # Gradient probes: the runner passes the training pairs (probe_source: train); else the eval pairs.
         grad_sets = objectives_tokenized if grad_probes is None else grad_probes
         self.grad_probes = {name: [ds[i] for i in range(min(n, len(ds)))] for name, ds in grad_sets.items()}
-        self.scaling = float(cfg.lora.effective_alpha()) / float(cfg.lora.r)
+        self.scaling = float(lora_scaling)
         self._states: dict[int, dict[str, torch.Tensor]] = {}
-        # Stages that train from the initial adapter rather than the previous stage's (strategy=merge);
-        # set by the runner from the strategy's plan
-        self.fresh_stages: frozenset[int] = frozenset()
         self._start_grads: dict[str, dict[str, torch.Tensor]] = {}
         self._trace: list[dict[str, Any]] = []
         self._callback = None
@@ -206,7 +210,7 @@ class DiagnosticsRecorder:
         for name, rows in self.probes.items():
             if len(rows) < 2:
                 continue
-            feats = L.offprompt_features(rows, int(self.cfg.model.max_length))
+            feats = L.offprompt_features(rows, int(self.max_length))
             pol = self._logps(trainer, model, feats)
             if name not in self._base_offprompt:
                 with model.disable_adapter():
@@ -219,7 +223,7 @@ class DiagnosticsRecorder:
         model.eval()
         acc: dict[str, list] = {}
         device = next(p for p in model.parameters()).device
-        bs = max(int(self.cfg.eval.batch_size), 1)
+        bs = max(int(self.batch_size), 1)
         try:
             with torch.no_grad():
                 for i in range(0, len(feats), bs):
@@ -237,7 +241,7 @@ class DiagnosticsRecorder:
             matrix,
             stay_threshold=float(self.dcfg.stay_threshold),
             min_fraction=float(self.dcfg.redistribution_min_fraction),
-            tie_tolerance=float(self.cfg.eval.tie_tolerance),
+            tie_tolerance=float(self.tie_tolerance),
         )
         stages = {}
         for k in range(1, len(self.stage_objectives) + 1):

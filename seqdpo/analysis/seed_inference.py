@@ -2,7 +2,7 @@
 
 A job's paired bootstrap (intervals.py) holds the eval pairs' sampling only. Seeds add training
 randomness (LoRA init, data order, dropout), measured on the synthetic world at 1.75x the per-seed
-bootstrap SE (README, "How sure is a verdict?"). With k seeds each statistic has k per-seed
+bootstrap SE (docs/report.md, "How sure is a verdict?"). With k seeds each statistic has k per-seed
 estimates, and their spread already contains each seed's eval noise, so:
 
     t-interval (T_METHOD)     mean +- t_{k-1} sd / sqrt(k) of the per-seed estimates. The verdicts and
@@ -33,7 +33,7 @@ LEVEL = 0.95
 POWER = 0.8
 T_METHOD = "t-interval across seeds"
 PAIRED, WELCH = "paired by seed (t on per-seed differences)", "Welch t (seeds not shared)"
-# Measured across seeds on the synthetic world (README, "How sure is a verdict?"): what one seed's
+# Measured across seeds on the synthetic world (docs/report.md, "How sure is a verdict?"): what one seed's
 # spread is likely to be, in units of its own pair-bootstrap SE, when no second seed says.
 SEED_SD_PER_EVAL_SE = 1.75
 MAX_SEEDS = 1000

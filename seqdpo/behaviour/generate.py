@@ -29,6 +29,7 @@ import torch
 
 from seqdpo.cachecounts import CacheCounts
 from seqdpo.config import GenerationSettings
+from seqdpo.refcache import atomic_write
 
 log = logging.getLogger("seqdpo")
 FORMAT_VERSION = 1
@@ -194,8 +195,6 @@ def generate_objectives(model, tok, prompts: dict, settings: GenerationSettings,
 
 def write_parquet(path: Path, df: pd.DataFrame) -> None:
     import io
-
-    from seqdpo.refcache import atomic_write
 
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)

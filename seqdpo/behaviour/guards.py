@@ -17,6 +17,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from seqdpo.behaviour.scorers import base_response_logps
+from seqdpo.data.synthetic import well_formed
+
 GUARDS = ("nll_base", "distinct_1", "distinct_2", "well_formed")
 KEYS = ["objective", "prompt_id", "sample"]
 
@@ -29,21 +32,17 @@ def distinct_n(text: str, n: int) -> float:
 
 def guard_table(ctx, gens: pd.DataFrame, prompts: dict) -> pd.DataFrame:
     """The guards of every generation of `gens` (a stage's table); `prompts`: objective -> {prompt_id: messages}."""
-    from seqdpo.behaviour.scorers import base_response_logps
-
     frames = []
     for objective, g in gens.groupby("objective", sort=False):
         texts = list(g.text)
         ds, base = base_response_logps(ctx, objective, [prompts[objective][p] for p in g.prompt_id], texts,
-                                       ctx.cfg.eval.batch_size)
+                                       ctx.settings.batch_size)
         nll = np.full(len(texts), np.nan)  # NaN: model.max_length left nothing of the response to read
         kept = [int(pid[1:]) for pid in ds["pair_id"]]
         nll[kept] = -base["chosen_logps"] / np.maximum(base["chosen_len"], 1)
         columns = {"nll_base": nll, "distinct_1": [distinct_n(t, 1) for t in texts],
                    "distinct_2": [distinct_n(t, 2) for t in texts]}
-        if ctx.cfg.dataset.name == "synthetic":
-            from seqdpo.data.synthetic import well_formed
-
+        if ctx.settings.dataset.name == "synthetic":
             columns["well_formed"] = [float(well_formed(t)) for t in texts]
         frames.append(g[KEYS].assign(**columns))
     return pd.concat(frames, ignore_index=True)

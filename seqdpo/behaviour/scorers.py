@@ -1,6 +1,6 @@
 """Scorers of generated responses, one registry (`SCORERS`), chosen by the `scorer` config group.
 
-    scorer = make_scorer(cfg, context)             # context: ScoringContext (model, tokenizer, data, caches)
+    scorer = make_scorer(context)                  # context: ScoringContext (settings, model, tokenizer, data, caches)
     scorer.supports(objective) -> bool             # objectives it cannot score are counted, not scored
     scorer.score(objective, prompts, texts) -> np.ndarray    # one float per response, higher = better; NaN = unscored
 
@@ -28,16 +28,38 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+
+from seqdpo.data import synthetic as S
+from seqdpo.logprobs import dataset_logps, tokenize_pairs
+from seqdpo.refcache import reference_logps, row_digests
+
+if TYPE_CHECKING:
+    from seqdpo.config import DatasetConfig, ModelConfig, ScorerConfig
 
 log = logging.getLogger("seqdpo")
 
 
+@dataclass(frozen=True)
+class ScoringSettings:
+    """What scoring reads of a job's config. Several sections, since the scorers and guards read the policy's
+    model settings (max_length; trained_rm's base architecture), the dataset (the oracle's slot, the
+    well_formed guard), the run's beta (implicit) and seed (trained_rm's training), and eval.batch_size
+    (the base model's forwards behind the guards)."""
+
+    scorer: ScorerConfig
+    model: ModelConfig
+    dataset: DatasetConfig
+    beta: float
+    seed: int
+    batch_size: int
+
+
 @dataclass
 class ScoringContext:
-    cfg: object  # RunConfig
+    settings: ScoringSettings
     tokenizer: object = None
     model: object = None  # the PeftModel as it stands at the stage (implicit)
     fingerprint: str = ""
@@ -61,8 +83,6 @@ def oracle_score(objective: str, text: str, slot: int = 8) -> float:
     the attribute, 1/8 with one marker in a slot of 8); fewer slot words than `slot` (plain words dropped)
     do not raise it, more (a lengthened response, where a marker turns up by chance) lower it. concise /
     detailed: minus / plus the word count."""
-    from seqdpo.data import synthetic as S
-
     if not S.well_formed(text):
         return float("nan")
     words = text.split()
@@ -77,9 +97,7 @@ class OracleScorer:
     ORACLE_OBJECTIVES = ("polite", "factual", "concise", "detailed")
 
     def __init__(self, ctx: ScoringContext | None = None):
-        from seqdpo.data import synthetic as S
-
-        options = dict(ctx.cfg.dataset.options) if ctx is not None else {}
+        options = dict(ctx.settings.dataset.options) if ctx is not None else {}
         self.slot = S.parse_options(options)["slot"]
 
     def supports(self, objective: str) -> bool:
@@ -106,10 +124,7 @@ def base_response_logps(ctx: ScoringContext, objective: str, prompts, texts, bat
     """(tokenized responses, the base model's `dataset_logps` of them: chosen_logps and chosen_len are the
     responses'), through the reference cache. A response that `model.max_length` cuts to nothing of its
     own is dropped (its row's `pair_id` is `r<index in texts>`)."""
-    from seqdpo.logprobs import tokenize_pairs
-    from seqdpo.refcache import reference_logps
-
-    max_length = ctx.cfg.model.max_length
+    max_length = ctx.settings.model.max_length
     ds = tokenize_pairs(_response_pairs(prompts, texts), ctx.tokenizer, max_length)
     ref = reference_logps(ctx.model, ds, fingerprint=ctx.fingerprint, cache_dir=ctx.cache_dir, batch_size=batch_size,
                           max_length=max_length, desc=f"base log-probs of generations ({objective})")
@@ -124,15 +139,13 @@ class ImplicitScorer:
         return True
 
     def score(self, objective, prompts, texts) -> np.ndarray:
-        from seqdpo.logprobs import dataset_logps
-
-        bs = self.ctx.cfg.scorer.batch_size
+        bs = self.ctx.settings.scorer.batch_size
         ds, ref = base_response_logps(self.ctx, objective, prompts, texts, bs)
         if len(ds) != len(texts):
             raise ValueError(f"implicit scorer: tokenisation dropped {len(texts) - len(ds)} response(s) of {objective} "
                              "(prompt and response beyond model.max_length)")
         policy = dataset_logps(self.ctx.model, ds, bs, desc=f"implicit reward ({objective})", show_progress=False)
-        return self.ctx.cfg.beta * (policy["chosen_logps"] - ref["chosen_logps"])
+        return self.ctx.settings.beta * (policy["chosen_logps"] - ref["chosen_logps"])
 
 
 # ------------------------------------------------------------------------------------ reward models
@@ -178,7 +191,7 @@ class RewardModel:
 
 class RewardModelScorer:
     def __init__(self, ctx: ScoringContext, paths: dict[str, str] | None = None):
-        s = ctx.cfg.scorer
+        s = ctx.settings.scorer
         self.paths = dict(s.models) if paths is None else paths
         self.revision = s.revision if paths is None else None
         self.batch_size, self.max_length = s.batch_size, s.max_length
@@ -201,10 +214,7 @@ RM_FORMAT_VERSION = 1
 
 def trained_rm_key(ctx: ScoringContext, objective: str) -> str:
     """(base architecture, training pairs, settings): every job of a sweep on the same data shares it."""
-    from seqdpo.refcache import row_digests
-    from seqdpo.logprobs import tokenize_pairs
-
-    s = ctx.cfg.scorer
+    s = ctx.settings.scorer
     train = ctx.objectives[objective].train
     digests = row_digests(tokenize_pairs(train, ctx.tokenizer, s.max_length)) if s.base_model is None else None
     h = hashlib.sha256()
@@ -224,7 +234,7 @@ def _fresh_reward_model(ctx: ScoringContext):
     import torch
     from transformers import AutoModelForSequenceClassification, LlamaForSequenceClassification
 
-    s, m = ctx.cfg.scorer, ctx.cfg.model
+    s, m = ctx.settings.scorer, ctx.settings.model
     if s.base_model is None and m.name == "tiny":
         base_config = ctx.model.get_base_model().config if hasattr(ctx.model, "get_base_model") else ctx.model.config
         config = base_config.__class__.from_dict({**base_config.to_dict(), "num_labels": 1})
@@ -244,14 +254,14 @@ def train_reward_model(ctx: ScoringContext, objective: str, out_dir: Path) -> di
     the model and tokenizer saved to `out_dir`."""
     from trl import RewardConfig, RewardTrainer
 
-    s = ctx.cfg.scorer
+    s = ctx.settings.scorer
     model, tok = _fresh_reward_model(ctx)
     train = ctx.objectives[objective].train.select_columns(["prompt", "chosen", "rejected"])
     with tempfile.TemporaryDirectory() as tmp:
         args = RewardConfig(
             output_dir=tmp, num_train_epochs=s.epochs, learning_rate=s.lr, per_device_train_batch_size=s.train_batch_size,
             max_length=s.max_length, bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no",
-            logging_steps=10, seed=ctx.cfg.seed, lr_scheduler_type="cosine", warmup_steps=0.1,
+            logging_steps=10, seed=ctx.settings.seed, lr_scheduler_type="cosine", warmup_steps=0.1,
             disable_tqdm=True, dataloader_num_workers=0,
         )
         trainer = RewardTrainer(model=model, args=args, train_dataset=train, processing_class=tok)
@@ -321,4 +331,4 @@ SCORERS: dict[str, ScorerSpec] = {
 
 
 def make_scorer(ctx: ScoringContext):
-    return SCORERS[ctx.cfg.scorer.name].build(ctx)
+    return SCORERS[ctx.settings.scorer.name].build(ctx)

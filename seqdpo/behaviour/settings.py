@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+from seqdpo.behaviour.generate import vllm_available
+from seqdpo.behaviour.scorers import SCORERS
 from seqdpo.config import ConfigError, RunConfig
 
 BACKENDS = ("auto", "transformers", "vllm")
 
 
 def check_behaviour_config(cfg: RunConfig) -> None:
-    from seqdpo.behaviour.generate import vllm_available
-    from seqdpo.behaviour.scorers import SCORERS
-
     t = cfg.model.tiny
     if t.warm_start and cfg.model.name != "tiny":  # steps and lr > 0: validation._ranges
         raise ConfigError("model.tiny.warm_start", f"warms up the embedded tiny model only, not '{cfg.model.name}'")

@@ -1,15 +1,16 @@
 """The runner's behaviour hook: generate, score and summarise after every stage.
 
-    behaviour = BehaviourEval(cfg, out_dir, tok, objectives, peft_model, fingerprint, tracker)
+    behaviour = BehaviourEval(scoring, generation, out_dir, bootstrap=..., adapter_rank=..., tracker=tracker)
     info = behaviour.on_stage(k, stage_dir)        # before the stage's DONE; returns its timings
     block = behaviour.summary(stage_names)         # matrix.json["behaviour"]
 
-`objectives` are the job's pairs (after the draw of dataset.n_train / n_eval): generation prompts come
-from their eval splits, held out from all their training splits (`prompts.py`); `trained_rm` trains on
-their training splits. A stage directory gets `generations.parquet` (generate.COLUMNS), `scores.parquet`
-(objective, prompt_id, sample, score) and `guards.parquet` (the degeneration guards, `guards.py`), all
-before DONE. A rerun of a stage stopped midway reuses what is on disk: the finished objectives'
-generations (`generations.parts/`), then the whole table, scores and guards.
+`scoring` (a ScoringContext) holds the model, the tokenizer and the job's objectives, whose pairs (after
+the draw of dataset.n_train / n_eval) give the generation prompts: from their eval splits, held out from
+all their training splits (`prompts.py`); `trained_rm` trains on their training splits. A stage
+directory gets `generations.parquet` (generate.COLUMNS), `scores.parquet` (objective, prompt_id, sample,
+score) and `guards.parquet` (the degeneration guards, `guards.py`), all before DONE. A rerun of a stage
+stopped midway reuses what is on disk: the finished objectives' generations (`generations.parts/`), then
+the whole table, scores and guards.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -27,30 +29,31 @@ from seqdpo.behaviour.metrics import METRICS, stage_metrics
 from seqdpo.behaviour.prompts import generation_prompts
 from seqdpo.behaviour.scorers import SCORERS, ScoringContext, make_scorer
 
+if TYPE_CHECKING:
+    from seqdpo.config import GenerationSettings
+
 log = logging.getLogger("seqdpo")
 SAMPLES_PER_CELL = 3  # sample generations per stage and objective in the report and W&B
 
 
 class BehaviourEval:
-    def __init__(self, cfg, out: Path, tok, objectives: dict, model, fingerprint: str, tracker=None):
-        from seqdpo.refcache import DEFAULT_CACHE_DIR
-
-        self.cfg, self.out, self.tok, self.model, self.tracker = cfg, Path(out), tok, model, tracker
-        self.settings = cfg.eval.generation
-        self.seed = cfg.seed if self.settings.seed is None else self.settings.seed
-        self.cache_dir = cfg.ref_cache_dir or DEFAULT_CACHE_DIR
-        self.ctx = ScoringContext(cfg, tok, model, fingerprint, objectives, self.cache_dir)
-        self.fingerprint = fingerprint
+    def __init__(self, scoring: ScoringContext, generation: GenerationSettings, out: Path, *, bootstrap: int,
+                 adapter_rank: int, tracker=None):
+        """`adapter_rank`: of the adapters vLLM loads; `bootstrap`: replicates of the metrics' intervals."""
+        self.ctx, self.settings, self.out, self.tracker = scoring, generation, Path(out), tracker
+        self.tok, self.model, self.fingerprint = scoring.tokenizer, scoring.model, scoring.fingerprint
+        self.seed = scoring.settings.seed if generation.seed is None else generation.seed
+        self.cache_dir, self.bootstrap = scoring.cache_dir, bootstrap
+        objectives, model_settings = scoring.objectives, scoring.settings.model
         # vLLM reads each stage's adapter from disk; the runner saves it before evaluating the stage
-        # strategy=merge's merged adapter holds every stage's rank (seqdpo/strategies/merge.py)
-        rank = cfg.lora.r * (len(cfg.order.stages) if cfg.strategy.name == "merge" else 1)
-        self.backend = G.VLLMBackend(cfg.model, rank) if G.use_vllm(self.settings, cfg.model.name) else None
+        self.backend = G.VLLMBackend(model_settings, adapter_rank) if G.use_vllm(generation, model_settings.name) else None
         log.info("behaviour: generation with %s", "vLLM" if self.backend else "transformers")
         self.scorer = make_scorer(self.ctx)
-        self.spec = SCORERS[cfg.scorer.name]
+        self.spec = SCORERS[scoring.settings.scorer.name]
         self.unscored = [o for o in objectives if not self.scorer.supports(o)]
         if self.unscored:
-            log.warning("behaviour: scorer %s cannot score %s; they are not generated", cfg.scorer.name, self.unscored)
+            log.warning("behaviour: scorer %s cannot score %s; they are not generated", scoring.settings.scorer.name,
+                        self.unscored)
         self.prompts, self.prompt_check = generation_prompts(
             {o: obj.train for o, obj in objectives.items()},
             {o: obj.eval for o, obj in objectives.items() if o not in self.unscored}, self.settings.prompts, self.seed)
@@ -109,7 +112,7 @@ class BehaviourEval:
         return scored_generations(self.out / f"stage_{k}")
 
     def _metrics(self, k: int) -> dict:
-        return stage_metrics(self.scored(k), self.scored(0), n_boot=self.cfg.eval.bootstrap, seed=self.seed,
+        return stage_metrics(self.scored(k), self.scored(0), n_boot=self.bootstrap, seed=self.seed,
                              win_rate=not self.spec.objective_blind)
 
     def summary(self, stage_names: list[str]) -> dict:
@@ -128,11 +131,11 @@ class BehaviourEval:
                 timing[key].append(done.get(f"behaviour/{key}"))
         s = self.settings
         block = {
-            "scorer": self.cfg.scorer.name, "scorer_measures": self.spec.description,
+            "scorer": self.ctx.settings.scorer.name, "scorer_measures": self.spec.description,
             "objective_blind": self.spec.objective_blind, "stages": stage_names, "objectives": objectives,
             "backend": "transformers" if self.backend is None else "vllm", "prompts": s.prompts,
             "prompts_used": {o: len(p) for o, p in self.prompts.items()}, "prompt_check": self.prompt_check,
-            "samples": s.samples, "greedy": s.greedy, "bootstrap": self.cfg.eval.bootstrap,
+            "samples": s.samples, "greedy": s.greedy, "bootstrap": self.bootstrap,
             "metrics": values, "intervals": intervals, "unscored_objectives": self.unscored,
             "length_capped": capped, "generations_per_stage": int(len(self.scored(0))), "time": timing,
             "base_generations": G.base_generation_counts(),

@@ -22,6 +22,10 @@ from pathlib import Path
 
 import torch
 
+from seqdpo.data import synthetic as S
+from seqdpo.logprobs import _chat_ids
+from seqdpo.refcache import atomic_write
+
 log = logging.getLogger("seqdpo")
 
 FORMAT_VERSION = 2  # bump when the data or the training loop changes
@@ -47,8 +51,6 @@ SEED = 0
 
 def warm_start_examples(n: int, seed: int = SEED) -> list[tuple[list[dict], list[dict]]]:
     """(prompt, response) messages in the synthetic world's format, each attribute present with p = 1/2."""
-    from seqdpo.data import synthetic as S
-
     rng = random.Random(f"warm-start-{seed}")
     opts = S.DEFAULTS
     out = []
@@ -63,8 +65,6 @@ def warm_start_examples(n: int, seed: int = SEED) -> list[tuple[list[dict], list
 
 def _batch(tok, examples) -> dict[str, torch.Tensor]:
     """Right-padded input ids with labels on the response tokens only (the prompt is given, not learned)."""
-    from seqdpo.logprobs import _chat_ids
-
     seqs, starts = [], []
     for prompt, response in examples:
         p = _chat_ids(tok, prompt, add_generation_prompt=True)
@@ -113,8 +113,6 @@ def warm_start_key(fingerprint: str, steps: int, lr: float, param_dtype: str, de
 def apply_warm_start(model, tok, *, fingerprint: str, steps: int, lr: float, cache_dir: str | os.PathLike) -> bool:
     """Loads the cached warm-started weights into `model`, or trains and caches them. True when trained."""
     from safetensors.torch import load_file, save
-
-    from seqdpo.refcache import atomic_write
 
     p = next(model.parameters())
     key = warm_start_key(fingerprint, steps, lr, str(p.dtype).replace("torch.", ""), p.device.type)

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from seqdpo.data.registry import DataError, Objective
+from seqdpo.logprobs import TOKEN_DROP_REASONS, tokenize_pairs_counted
 
 if TYPE_CHECKING:
     from seqdpo.config import DatasetConfig
@@ -68,8 +69,6 @@ class SplitAccount:
     @property
     def max_length_losses(self) -> int:
         """Pairs dropped or truncated by model.max_length."""
-        from seqdpo.logprobs import TOKEN_DROP_REASONS
-
         return sum(self.dropped.get(r, 0) for r in TOKEN_DROP_REASONS) + self.truncated
 
     @property
@@ -172,8 +171,6 @@ def _count_overlap(train, eval_, accounts: list[SplitAccount]) -> None:
 
 def _draw_split(name, split, ds, builder_stats: dict, requested, tokenizer, max_length, seed):
     from datasets import concatenate_datasets
-
-    from seqdpo.logprobs import tokenize_pairs_counted
 
     built = len(ds)
     order = ds.shuffle(seed=seed) if requested is not None and requested < built else ds

@@ -23,6 +23,8 @@ from dataclasses import asdict, fields, is_dataclass
 
 from tqdm.auto import tqdm
 
+from seqdpo.diskfull import disk_full
+
 log = logging.getLogger("seqdpo")
 
 
@@ -52,8 +54,6 @@ class LogFileHandler(logging.FileHandler):
             super().emit(record)
 
     def handleError(self, record: logging.LogRecord) -> None:
-        from seqdpo.diskfull import disk_full
-
         if not disk_full(sys.exc_info()[1]):
             super().handleError(record)
             return
@@ -146,12 +146,22 @@ def _duration(seconds: float) -> str:
 
 def log_result(matrix: dict, out_dir: str, seconds: float) -> None:
     """The result matrices, last (a job calls it after closing W&B, whose footer would bury them)."""
-    from seqdpo.evaluation import format_matrix
-
     if "metrics" not in matrix:  # a DDP rank other than 0 has no results
         return
     text = "\n\n".join(format_matrix(matrix, m) for m in ("accuracy", "margin_mean"))
     log.info("seqdpo job finished in %s: %s\n%s", _duration(seconds), out_dir, text)
+
+
+def format_matrix(matrix: dict, metric: str = "accuracy") -> str:
+    """Plain-text table of one metric: a row per stage, a column per objective."""
+    objs, rows = matrix["objectives"], matrix["metrics"][metric]
+    width = max(12, *(len(o) + 2 for o in objs))
+    head = f"{'stage':<18}" + "".join(f"{o:>{width}}" for o in objs)
+    lines = [f"{metric} (rows: after stage, columns: evaluated objective)", head]
+    for k, (stage, row) in enumerate(zip(matrix["stages"], rows)):
+        label = f"{k}:{stage}"
+        lines.append(f"{label:<18}" + "".join(f"{v:>{width}.4f}" for v in row))
+    return "\n".join(lines)
 
 
 def format_metrics(logs: dict) -> str:

@@ -204,3 +204,8 @@ def where(stage, at: str = "") -> str:
     """'stage 2' ('at stage 2' with at="at "), or 'before stage 0' for a job stopped while it loaded the
     model and data (stage None)."""
     return "before stage 0" if stage is None else f"{at}stage {stage}"
+
+
+def last_line(text: str) -> str:
+    """The last non-empty line, stripped (an error's message after its traceback)."""
+    return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "")

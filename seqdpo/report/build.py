@@ -154,7 +154,7 @@ def _answer_section(doc: Doc, contrasts: list[dict]) -> None:
     doc.p("Overall forgetting (mean over the objectives trained before the last stage of value after their stage "
           "minus final value; > 0 = lost), seed mean [95% t-interval across seeds]; differences paired by seed where "
           "both settings ran the same seeds on the same eval pairs (else Welch), Holm-adjusted over the planned "
-          "contrasts (README, \"How sure is a verdict?\"). Every figure's contrast: contrasts.csv.")
+          "contrasts (docs/report.md, \"How sure is a verdict?\"). Every figure's contrast: contrasts.csv.")
     for sentence in sentences:
         doc.p("- " + sentence)
 
@@ -169,7 +169,7 @@ def _pairs_section(doc: Doc, pairs: pd.DataFrame) -> None:
               "job(s), none dropped or truncated; pairs.csv).")
         return
     doc.h(2, "Pairs kept and dropped")
-    doc.p("Per job, objective and split (README, \"What gets dropped, and why\"); every count is in pairs.csv.")
+    doc.p("Per job, objective and split (docs/datasets.md, \"What gets dropped, and why\"); every count is in pairs.csv.")
     doc.table(pairs[["job", "objective", "split", "rows", "kept", "truncated", "lost_fraction"]])
 
 
@@ -178,7 +178,7 @@ def _one_seed_note(doc: Doc, verdicts: list[dict]) -> None:
     if verdicts:
         doc.p("One seed per order: every verdict below is conditional on one training run (its interval holds eval "
               "sampling alone). At the run-to-run spread measured on the synthetic world (seed sd 1.75 x the eval SE; "
-              f"README, \"How sure is a verdict?\"), resolving eval.min_effect would take about {int(np.median(needed))} "
+              f"docs/report.md, \"How sure is a verdict?\"), resolving eval.min_effect would take about {int(np.median(needed))} "
               "seeds (median over these verdicts; sweep_verdicts.csv has each)." if needed else
               "One seed per order: every verdict below is conditional on one training run.")
 

@@ -9,9 +9,12 @@ from typing import Any
 
 import pandas as pd
 
+from seqdpo.analysis.diagnostics import job_analysis
+from seqdpo.analysis.intervals import bootstrap, dropped_message
+from seqdpo.config import setting
 from seqdpo.evaluation import summarize
 from seqdpo.job.status import lost_reason, observed_state
-from seqdpo.strategies import label as strategy_label
+from seqdpo.strategies import label as strategy_label, row_names
 
 # data_options: the dataset's builder options (e.g. the synthetic world's relation), so jobs that differ
 # only there land in separate groups instead of overwriting each other in one table.
@@ -64,8 +67,6 @@ def _read_yaml(path: Path) -> dict:
 def stage_names(config: dict) -> list[str]:
     """["base", row of stage 1, ...] from a config dict: order letters resolved as config.stage_objectives,
     then the rows the strategy makes of them (seqdpo.strategies.row_names)."""
-    from seqdpo.strategies import row_names
-
     objs = list((config.get("dataset") or {}).get("objectives") or [])
     names = ["base"]
     for entry in (config.get("order") or {}).get("stages") or []:
@@ -74,7 +75,7 @@ def stage_names(config: dict) -> list[str]:
             names.append(objs[ord(entry) - 97])
         else:
             names.append(entry)
-    return ["base", *row_names((config.get("strategy") or {}).get("name", "sequential"), names[1:])]
+    return ["base", *row_names(setting(config, "strategy.name"), names[1:])]
 
 
 def job_factors(config: dict) -> dict:
@@ -166,16 +167,13 @@ def load_job(job_dir: Path, root: Path) -> Job:
         except (ValueError, OSError) as e:
             job.problems.append(f"{p.name}: {e}")
     if job.matrix is not None and job.pairs is not None:
-        from seqdpo.analysis.diagnostics import job_analysis
-
-        diag = config.get("diagnostics") or {}
         try:
             job.analysis = job_analysis(
                 job.pairs,
                 job.matrix,
-                stay_threshold=float(diag.get("stay_threshold", 0.1)),
-                min_fraction=float(diag.get("redistribution_min_fraction", 0.2)),
-                tie_tolerance=float((config.get("eval") or {}).get("tie_tolerance", 0.0)),
+                stay_threshold=float(setting(config, "diagnostics.stay_threshold")),
+                min_fraction=float(setting(config, "diagnostics.redistribution_min_fraction")),
+                tie_tolerance=float(setting(config, "eval.tie_tolerance")),
             )
         except Exception as e:  # noqa: BLE001
             job.problems.append(f"analysis failed: {type(e).__name__}: {e}")
@@ -187,16 +185,14 @@ def job_bootstrap(job: Job, seed: int | None = None):
     """The job's paired bootstrap, as the runner made matrix.json's intervals (same replicates: the run's
     seed) unless `seed` is given; recomputed here for unfinished jobs, jobs that predate intervals, and
     the pooling of seeds."""
-    from seqdpo.analysis.intervals import bootstrap, dropped_message
-
     cfg = job.config
-    n_boot = int((cfg.get("eval") or {}).get("bootstrap", 1000))
+    n_boot = int(setting(cfg, "eval.bootstrap"))
     if not n_boot:
         return None
     try:
-        boot = bootstrap(job.pairs, job.matrix, n_boot=n_boot, seed=int(cfg.get("seed") or 0) if seed is None else seed,
-                         stay_threshold=float((cfg.get("diagnostics") or {}).get("stay_threshold", 0.1)),
-                         tie_tolerance=float((cfg.get("eval") or {}).get("tie_tolerance", 0.0)))
+        boot = bootstrap(job.pairs, job.matrix, n_boot=n_boot, seed=int(setting(cfg, "seed")) if seed is None else seed,
+                         stay_threshold=float(setting(cfg, "diagnostics.stay_threshold")),
+                         tie_tolerance=float(setting(cfg, "eval.tie_tolerance")))
     except Exception as e:  # noqa: BLE001 - one broken job must not stop the report
         job.problems.append(f"intervals failed: {type(e).__name__}: {e}")
         return None
@@ -212,7 +208,7 @@ def job_bootstrap(job: Job, seed: int | None = None):
 def over_warn_fraction(table: dict, config: dict) -> list[str]:
     """The splits of a finished job's pair table (matrix.json "pairs", seqdpo.data.accounting) that lost more
     than the job's `dataset.warn_fraction` to `model.max_length`, in words: ['a/train 100% (16 of 16)']."""
-    limit = (config.get("dataset") or {}).get("warn_fraction", 0.05)
+    limit = setting(config, "dataset.warn_fraction")
     return [f"{objective}/{split} {100 * a['lost_fraction']:.0f}% "
             f"({round(a['lost_fraction'] * a['tokenized'])} of {a['tokenized']})"
             for objective, splits in (table or {}).items() for split, a in splits.items()

@@ -30,6 +30,7 @@ from seqdpo.analysis.intervals import seed_interval
 from seqdpo.analysis.transfer import training_stages
 from seqdpo.report.grouping import slug, varying_label
 from seqdpo.report.jobs import FACTORS, Job, stage_names
+from seqdpo.report.plots import _plt, _save
 
 ALIGN = tuple(f for f in FACTORS if f != "strategy")  # a joint job's sequential partner matches on these
 SETTING = tuple(f for f in FACTORS if f not in ("strategy", "seed"))  # one table / plot per value of these
@@ -122,8 +123,6 @@ def summary(rows: pd.DataFrame) -> pd.DataFrame:
 
 def plot_tradeoff(table: pd.DataFrame, title: str, path: Path) -> Path | None:
     """Final accuracy of A (x) against B (y), one point per strategy setting, bars = intervals."""
-    from seqdpo.report.plots import _plt, _save
-
     wide = table.pivot_table(index="strategy", columns="role", values=["final", "final_low", "final_high"], aggfunc="first")
     if "A" not in wide["final"] or "B" not in wide["final"]:
         return None

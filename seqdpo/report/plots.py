@@ -6,8 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
+from seqdpo.analysis.pairs import assign_quartiles, stage_values
 from seqdpo.report.grouping import job_label
 from seqdpo.report.jobs import Job
+from seqdpo.report.seeds import METRICS
 from seqdpo.report.tables import first_decomposition, interval
 
 
@@ -121,8 +123,6 @@ def _yerr(v: np.ndarray, e: np.ndarray):
 
 
 def plot_scatter(jobs: list[Job], title: str, path: Path) -> Path | None:
-    from seqdpo.analysis.pairs import assign_quartiles, stage_values
-
     sel = [(j, first_decomposition(j)) for j in jobs]
     sel = [(j, d) for j, d in sel if d and j.pairs is not None]
     if not sel:
@@ -199,8 +199,6 @@ def plot_forgetting_by_order(panels: list[tuple[str, list[dict]]], title: str, p
     seeds (dots), their mean with its t-interval across seeds (thin bar) and the pooled pair-level
     interval (thick bar: eval sampling alone). Panels of one column share the y axis. Whether orders differ
     is a contrast (report/contrasts.py), not a matter of overlapping bars."""
-    from seqdpo.report.seeds import METRICS
-
     def rows_of(rows, metric):
         # Per objective, then the mean over objectives (= -BWT), where every order has a value side by side.
         sel = [r for r in rows if r["kind"] == "transfer" and r["metric"] == metric and r["quantity"] == "forgetting"

@@ -9,6 +9,9 @@ from typing import Any
 import pandas as pd
 
 from seqdpo.analysis.gradient_probes import CLIPPED, UNRELIABLE
+from seqdpo.analysis.intervals import verdicts
+from seqdpo.analysis.pairs import decomposition_rows
+from seqdpo.analysis.transfer import transfer_rows
 from seqdpo.evaluation import MATRIX_METRICS
 from seqdpo.report.jobs import Job
 
@@ -75,9 +78,6 @@ def pairs_table(jobs: list[Job]) -> pd.DataFrame:
 
 
 def analysis_rows(jobs: list[Job], key: str) -> pd.DataFrame:
-    from seqdpo.analysis.pairs import decomposition_rows
-    from seqdpo.analysis.transfer import transfer_rows
-
     rows = []
     for job in jobs:
         a = job.analysis or {}
@@ -215,8 +215,6 @@ def likelihood_side_by_side(jobs: list[Job]) -> pd.DataFrame:
 
 def verdicts_table(jobs: list[Job]) -> pd.DataFrame:
     """Every job's verdicts (analysis/intervals.py): one row per objective x stage x column."""
-    from seqdpo.analysis.intervals import verdicts
-
     rows = []
     for job in jobs:
         min_effect = (job.config.get("eval") or {}).get("min_effect")

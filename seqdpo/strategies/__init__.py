@@ -1,7 +1,7 @@
 """Forgetting mitigations as one config axis (`strategy=`): how a job's stages combine into a model.
 
-`plan_stages()` turns the strategy, the objectives of `order.stages` and their training sets into a
-list of `StagePlan`s. The runner runs them one after the other as it always did (stage_<k>/, DONE,
+`plan_stages()` turns the objectives of `order.stages`, their training sets and their settings
+(`seqdpo.stage_settings`, which hold the strategy's knobs) into a list of `StagePlan`s. The runner runs them one after the other as it always did (stage_<k>/, DONE,
 checkpoints, evaluation of every objective after every stage); what differs is which pairs a stage
 trains on, where its adapter starts, and whether it trains at all.
 
@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from seqdpo.config import STRATEGY_KEYS, RunConfig
+from seqdpo.config import STRATEGY_KEYS, default
+from seqdpo.stage_settings import StageSettings
+from seqdpo.strategies.contradictions import contradictory_pairs
+from seqdpo.strategies.merge import merge_weights
 from seqdpo.strategies.stage_plan import StagePlan, optimizer_steps
-
-__all__ = ["StagePlan", "label", "optimizer_steps", "plan_stages", "row_names", "summary"]
 
 if TYPE_CHECKING:  # the report imports this module for its names; datasets is heavy
     from datasets import Dataset
@@ -50,8 +51,8 @@ def row_names(strategy: str, stage_objs: list[str]) -> list[str]:
 
 def label(strategy: dict | None) -> str:
     """A strategy setting as the report names it: its name and the keys it reads, e.g. `replay ratio=0.5`."""
-    strategy = strategy or {"name": "sequential"}
-    name = strategy.get("name", "sequential")
+    strategy = strategy or {}
+    name = strategy.get("name", default("strategy.name"))
     unread = {"fisher_pairs"} if strategy.get("penalty") != "ewc" else set()
     unread |= {"density"} if strategy.get("method") == "linear" else set()
     keys = [k for k in STRATEGY_KEYS.get(name, ()) if k not in unread]
@@ -63,13 +64,15 @@ def _pairs(objective: str, ds: Dataset) -> pd.DataFrame:
     return pd.DataFrame({"objective": objective, "pair_id": list(ds["pair_id"])})
 
 
-def plan_stages(cfg: RunConfig, stage_objs: list[str], stage_sets: list[Dataset], out: Path, *, write: bool) -> list[StagePlan]:
-    """The stages a job runs (module docstring). `write`: this process records replay draws (DDP rank 0)."""
-    from datasets import concatenate_datasets
+def plan_stages(stage_objs: list[str], stage_sets: list[Dataset], settings: list[StageSettings], out: Path, *,
+                dataset: str, write: bool) -> list[StagePlan]:
+    """The stages a job runs (module docstring): one entry of `settings` per entry of order.stages; `dataset`
+    names the builder (its contradictions); `write`: this process records replay draws (DDP rank 0)."""
+    from datasets import concatenate_datasets  # here: the report imports this package for its names
 
-    from seqdpo.strategies.contradictions import contradictory_pairs
-
-    s = cfg.strategy
+    if len(settings) != len(stage_objs):
+        raise ValueError(f"{len(settings)} stage settings for the {len(stage_objs)} stages {stage_objs}")
+    s = settings[0].strategy  # the strategy itself is the job's
     own = [_pairs(o, ds) for o, ds in zip(stage_objs, stage_sets)]
     if s.name == JOINT:
         union = concatenate_datasets(stage_sets)
@@ -77,21 +80,21 @@ def plan_stages(cfg: RunConfig, stage_objs: list[str], stage_sets: list[Dataset]
         keep = ~pairs.duplicated(["objective", "pair_id"]).to_numpy()  # an objective in several stages counts once
         if not keep.all():
             union, pairs = union.select(keep.nonzero()[0]), pairs[keep].reset_index(drop=True)
-        steps = sum(optimizer_steps(cfg, len(ds)) for ds in stage_sets)
+        steps = sum(optimizer_steps(st.train, len(ds)) for st, ds in zip(settings, stage_sets))
         info = {"objectives": list(dict.fromkeys(stage_objs)), "repeated_pairs_dropped": int((~keep).sum()),
-                "contradictory_pairs": contradictory_pairs(union, cfg.dataset.name)}
+                "contradictory_pairs": contradictory_pairs(union, dataset)}
         if info["repeated_pairs_dropped"]:
             log.info("joint: %d pairs of objectives ordered in several stages train once", info["repeated_pairs_dropped"])
         if info["contradictory_pairs"]:
             log.warning("joint: %d of the %d pairs in the union have a twin that prefers their rejected response "
                         "(seqdpo/strategies/contradictions.py): joint trains on contradictory labels there",
                         info["contradictory_pairs"], len(union))
-        return [StagePlan(JOINT, union, pairs, max_steps=steps, info=info)]
+        return [StagePlan(JOINT, union, settings[0], pairs, max_steps=steps, info=info)]
     if s.name == "replay":
-        from seqdpo.strategies.replay import replay_stages
+        from seqdpo.strategies.replay import replay_stages  # imports datasets: see concatenate_datasets above
 
-        return replay_stages(cfg, stage_objs, stage_sets, own, out, write=write)
-    plans = [StagePlan(o, ds, p) for o, ds, p in zip(stage_objs, stage_sets, own)]
+        return replay_stages(stage_objs, stage_sets, settings, own, out, write=write)
+    plans = [StagePlan(o, ds, st, p) for o, ds, st, p in zip(stage_objs, stage_sets, settings, own)]
     if s.name == "anchor" and s.strength > 0:
         for k in range(1, len(plans)):
             plans[k].anchor_sets = stage_sets[:k]
@@ -99,10 +102,8 @@ def plan_stages(cfg: RunConfig, stage_objs: list[str], stage_sets: list[Dataset]
     if s.name == "merge":
         for p in plans[1:]:
             p.fresh = True
-        from seqdpo.strategies.merge import merge_weights
-
         info = {"method": s.method, "weights": merge_weights(s, len(plans)), **({"density": s.density} if s.method != "linear" else {})}
-        plans.append(StagePlan(MERGED, None, merge=tuple(range(1, len(plans) + 1)), info=info))
+        plans.append(StagePlan(MERGED, None, settings[-1], merge=tuple(range(1, len(plans) + 1)), info=info))
     return plans
 
 

@@ -34,7 +34,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from seqdpo.config import RunConfig
+from seqdpo.config import StrategyConfig
+from seqdpo.filemodes import follow_umask
+from seqdpo.refcache import with_reference_columns
 
 log = logging.getLogger("seqdpo")
 FISHER_FILE = "anchor_fisher.safetensors"
@@ -87,22 +89,18 @@ def diagonal_fisher(trainer, rows, n_pairs: int, seed: int) -> tuple[dict[str, t
     return {n: (a / mean).cpu() for (n, _), a in zip(params, acc)}, mean
 
 
-def _fisher_of_previous(cfg: RunConfig, trainer, rows, job_dir: Path, k: int, main_process: bool) -> tuple[dict, float]:
+def _fisher_of_previous(trainer, rows, job_dir: Path, k: int, *, n_pairs: int, seed: int, main_process: bool) -> tuple[dict, float]:
     """F_{k-1} at the current parameters (theta_{k-1}), computed once and saved in stage_<k>/."""
     from safetensors import safe_open
     from safetensors.torch import save_file
-
-    from seqdpo.filemodes import follow_umask
 
     path = job_dir / f"stage_{k}" / FISHER_FILE
     if path.exists():
         with safe_open(str(path), "pt") as f:
             return {n: f.get_tensor(n) for n in f.keys()}, float(f.metadata()["mean"])
     if "ref_chosen_logps" not in rows.column_names:  # reference=previous: what stage k-1 trained with
-        from seqdpo.refcache import with_reference_columns
-
         rows = with_reference_columns(rows, dict(np.load(job_dir / f"stage_{k - 1}" / "train_reference.npz")))
-    fisher, mean = diagonal_fisher(trainer, rows, cfg.strategy.fisher_pairs, seed=cfg.seed)
+    fisher, mean = diagonal_fisher(trainer, rows, n_pairs, seed=seed)
     if main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({n: v.contiguous() for n, v in fisher.items()}, str(path), metadata={"mean": repr(mean)})
@@ -120,11 +118,13 @@ def _saved_fisher(job_dir: Path, j: int) -> dict:
     return load_file(str(path))
 
 
-def build_penalty(cfg: RunConfig, trainer, earlier_sets: list, stage_dir: Path, main_process: bool) -> Anchor:
-    """The penalty of stage k = len(earlier_sets) + 1, which starts now from the adapter after stage k - 1."""
+def build_penalty(trainer, *, strategy: StrategyConfig, seed: int, earlier_sets: list, stage_dir: Path,
+                  main_process: bool) -> Anchor:
+    """The penalty of stage k = len(earlier_sets) + 1, which starts now from the adapter after stage k - 1.
+    `seed` draws the pairs of the EWC Fisher."""
     from peft import load_peft_weights
 
-    s = cfg.strategy
+    s = strategy
     job_dir, k = Path(stage_dir).parent, len(earlier_sets) + 1
     model = trainer.accelerator.unwrap_model(trainer.model)
     current = {n: p.detach().clone() for n, p in _lora_parameters(model)}
@@ -134,7 +134,8 @@ def build_penalty(cfg: RunConfig, trainer, earlier_sets: list, stage_dir: Path, 
         thetas[j] = {n: saved[_saved_key(n)] for n in current}
     fishers, record = {j: None for j in thetas}, {}
     if s.penalty == "ewc":
-        fishers[k - 1], mean = _fisher_of_previous(cfg, trainer, earlier_sets[-1], job_dir, k, main_process)
+        fishers[k - 1], mean = _fisher_of_previous(trainer, earlier_sets[-1], job_dir, k, n_pairs=s.fisher_pairs, seed=seed,
+                                                   main_process=main_process)
         record["fisher_mean"] = mean
         for j in range(1, k - 1):
             fishers[j] = _saved_fisher(job_dir, j)

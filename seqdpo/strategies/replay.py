@@ -22,31 +22,31 @@ import numpy as np
 import pandas as pd
 from datasets import Dataset, concatenate_datasets
 
-from seqdpo.config import RunConfig
+from seqdpo.stage_settings import StageSettings
 from seqdpo.strategies.stage_plan import StagePlan, optimizer_steps
 
 log = logging.getLogger("seqdpo")
 RECORD = "replay.parquet"
 
 
-def draw(cfg: RunConfig, own: list[pd.DataFrame]) -> pd.DataFrame:
+def draw(ratio: float, seed: int, own: list[pd.DataFrame]) -> pd.DataFrame:
     """The replayed pairs of every stage: columns stage (1-based), objective, pair_id."""
     rows = []
     for k in range(1, len(own)):
         pool = pd.concat(own[:k], ignore_index=True).drop_duplicates(["objective", "pair_id"], ignore_index=True)
-        n = min(int(round(cfg.strategy.ratio * len(own[k]))), len(pool))
-        rng = np.random.default_rng([cfg.seed, k + 1])
+        n = min(int(round(ratio * len(own[k]))), len(pool))
+        rng = np.random.default_rng([seed, k + 1])
         picked = pool.iloc[np.sort(rng.choice(len(pool), size=n, replace=False))]
         rows.append(picked.assign(stage=k + 1)[["stage", "objective", "pair_id"]])
     empty = pd.DataFrame({"stage": pd.Series(dtype=int), "objective": pd.Series(dtype=str), "pair_id": pd.Series(dtype=str)})
     return pd.concat([empty, *rows], ignore_index=True)
 
 
-def recorded(cfg: RunConfig, own: list[pd.DataFrame], out: Path, *, write: bool) -> pd.DataFrame:
+def recorded(ratio: float, seed: int, own: list[pd.DataFrame], out: Path, *, write: bool) -> pd.DataFrame:
     path = Path(out) / RECORD
     if path.exists():
         return pd.read_parquet(path)
-    drawn = draw(cfg, own)
+    drawn = draw(ratio, seed, own)
     if write:
         tmp = path.with_suffix(".tmp")
         drawn.to_parquet(tmp, index=False)
@@ -54,22 +54,25 @@ def recorded(cfg: RunConfig, own: list[pd.DataFrame], out: Path, *, write: bool)
     return drawn
 
 
-def replay_stages(cfg: RunConfig, stage_objs: list[str], stage_sets: list[Dataset], own: list[pd.DataFrame], out: Path, *, write: bool):
-    draws = recorded(cfg, own, out, write=write)
-    plans = [StagePlan(stage_objs[0], stage_sets[0], own[0])]
+def replay_stages(stage_objs: list[str], stage_sets: list[Dataset], settings: list[StageSettings], own: list[pd.DataFrame],
+                  out: Path, *, write: bool):
+    job = settings[0]  # the draw is made once for the job, with its ratio and seed
+    draws = recorded(job.strategy.ratio, job.seed, own, out, write=write)
+    plans = [StagePlan(stage_objs[0], stage_sets[0], settings[0], own[0])]
     for k in range(1, len(stage_sets)):
         picked = draws[draws.stage == k + 1]
         rows = []  # (stage index, row) of each replayed pair: the first earlier stage that trained it
         for obj, pid in zip(picked.objective, picked.pair_id):
             rows.append(_locate(obj, pid, own[:k], k + 1))
         parts = [stage_sets[k]] + [stage_sets[j].select([r for jj, r in rows if jj == j]) for j in range(k) if any(jj == j for jj, _ in rows)]
-        requested = int(round(cfg.strategy.ratio * len(stage_sets[k])))
+        requested = int(round(job.strategy.ratio * len(stage_sets[k])))
         info = {"replayed": len(rows), "replay_requested": requested, "replay_capped": requested - len(rows)}
         if info["replay_capped"] > 0:
             log.warning("stage %d: replay asks for %d earlier pairs, the earlier stages have only %d: capped", k + 1, requested, len(rows))
         pairs = pd.concat([own[k], *[own[j].iloc[[r for jj, r in rows if jj == j]] for j in range(k)]], ignore_index=True)
-        steps = optimizer_steps(cfg, len(stage_sets[k])) if cfg.strategy.match_steps else None
-        plans.append(StagePlan(stage_objs[k], concatenate_datasets(parts), pairs, max_steps=steps, info=info))
+        st = settings[k]
+        steps = optimizer_steps(st.train, len(stage_sets[k])) if st.strategy.match_steps else None
+        plans.append(StagePlan(stage_objs[k], concatenate_datasets(parts), st, pairs, max_steps=steps, info=info))
     return plans
 
 

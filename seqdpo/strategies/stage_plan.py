@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from seqdpo.config import RunConfig
+from seqdpo.config import TrainConfig
+from seqdpo.stage_settings import StageSettings
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 class StagePlan:
     name: str  # the matrix row: the objective trained, `joint` or `merged`
     train: Dataset | None  # the pairs it trains on; None: no training (the merged row)
+    settings: StageSettings  # what it trains with (the merged row: the strategy's merge knobs and seed)
     pairs: pd.DataFrame | None = None  # objective, pair_id of each row of `train`
     fresh: bool = False  # starts from adapter_init instead of the previous stage's adapter
     max_steps: int | None = None  # overrides train.max_steps
@@ -32,10 +34,9 @@ class StagePlan:
         return bool(self.anchor_sets)
 
 
-def optimizer_steps(cfg: RunConfig, n_pairs: int) -> int:
+def optimizer_steps(t: TrainConfig, n_pairs: int) -> int:
     """The optimizer steps a sequential stage takes on `n_pairs` pairs (transformers' Trainer:
     set_initial_training_values, with the dataloader split over WORLD_SIZE processes)."""
-    t = cfg.train
     if t.max_steps > 0:
         return t.max_steps
     batches = math.ceil(n_pairs / (t.batch_size * int(os.environ.get("WORLD_SIZE", "1"))))
