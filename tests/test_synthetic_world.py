@@ -221,13 +221,14 @@ def test_relations_and_losses_show_the_papers_directions(tmp_path, seed):
     s = f"seed={seed}"
     # Accuracies are on held-out eval prompts (templates no training pair asks), where what a stage
     # learned carries over unevenly: seed 2's polite accuracy after the conflicting stage 2 is 0.14-0.88
-    # across the 8 templates (0.45 overall). The thresholds below were set on that split (docs/synthetic.md,
-    # "What it reproduces"); on the old split, whose eval prompts were training prompts, they were 0.4 and
-    # "within 0.05 of stage 1".
-    # 1. Conflict: training B undoes A (A's accuracy after stage 2 far below after stage 1, its margin < 0).
+    # across the 8 templates (0.45 overall). The criteria below were set on that split
+    # (docs/synthetic-world-study.md); on the old split, whose eval prompts were training prompts, conflict
+    # asked a drop of 0.4 and compatible "within 0.05 of stage 1".
+    # 1. Conflict: training B undoes A: after stage 2, A is below chance (0.25, 0.14, 0.45 on seeds 0-2)
+    # and its margin negative (-0.30, -0.43, -0.06), after being learned in stage 1.
     conflict = _job(tmp_path, "conflicting", [s, "dataset.options.relation=conflicting"])
     a1, a2 = _at(conflict, 1, "polite"), _at(conflict, 2, "polite")
-    assert a1["accuracy"] >= 0.75 and a1["accuracy"] - a2["accuracy"] >= 0.3, (a1, a2)
+    assert a1["accuracy"] >= 0.75 and a2["accuracy"] < 0.5, (a1, a2)
     assert a2["margin"] < 0 < a1["margin"]
 
     # 2. Compatible: B already improves while A trains, and A stays learned while B trains.
