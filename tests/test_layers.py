@@ -76,3 +76,39 @@ def test_every_module_has_a_layer():
     graph = grimp.build_graph("seqdpo", cache_dir=None)
     top = {".".join(m.split(".")[:2]) for m in graph.modules if m != "seqdpo"}
     assert sorted(top - named) == []
+
+
+def _unexplained_function_level_imports(root: Path) -> list[str]:
+    """seqdpo imports inside a function with no comment on their line or on the import block above them."""
+    import ast
+
+    found = []
+    for path in sorted((root / "seqdpo").rglob("*.py")):
+        lines = path.read_text().splitlines()
+        for fn in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                    [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                if not any(n == "seqdpo" or n.startswith("seqdpo.") for n in names):
+                    continue
+                i = node.lineno - 1
+                while i > 0 and lines[i - 1].strip().startswith(("from ", "import ")) and "#" not in lines[i]:
+                    i -= 1  # up the block of imports this one belongs to
+                if "#" not in lines[i] and not lines[i - 1].strip().startswith("#"):
+                    found.append(f"{path.relative_to(root)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+    return found
+
+
+def test_a_function_level_import_of_seqdpo_says_why():
+    """Imports are at module level (docs/DESIGN.md, "Layers"); one inside a function must say why it is there."""
+    assert _unexplained_function_level_imports(ROOT) == []
+
+
+def test_an_unexplained_function_level_import_is_found(tmp_path):
+    root = copy_of_the_package(tmp_path)
+    module = root / "seqdpo" / "analysis" / "transfer.py"
+    module.write_text(module.read_text() + "\n\ndef _late():\n    from seqdpo.config import RunConfig\n\n    return RunConfig\n")
+    assert _unexplained_function_level_imports(root) == ["seqdpo/analysis/transfer.py:" + str(len(module.read_text().splitlines()) - 2)
+                                                         + ": from seqdpo.config import RunConfig"]
