@@ -3,7 +3,9 @@ distinct stage once (seqdpo/stage_store.py, seqdpo/stage_signature.py).
 
 - `order=ab` after `order=a`, and replay and anchor after sequential: stage 1 comes from the store, and
   pairs.parquet, matrix.json (but its "stage_store" accounting and this process's reference-forward
-  counts) and every adapter are byte for byte those of the same job with `stage_store=false`;
+  counts) and every adapter are byte for byte those of the same job with `stage_store=false`; so are a
+  taken stage's generations and scores and the later stages' with `eval.generate=true`, and stage 2 with
+  `reference=previous` (sDPO), whose reference is the taken stage 1;
 - a changed stage-1 setting never takes a stored stage; a stage-2 override takes stage 1;
 - a live local_submitit sweep of two concurrent jobs that share stage 1 trains it once, and its end says so.
 """
@@ -16,14 +18,16 @@ import pytest
 
 from conftest import REPO, run_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # nine tiny jobs and a two-job sweep
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # fifteen tiny jobs and a two-job sweep
 
 TINY = ["dataset.n_train=8", "dataset.n_eval=4", "train.batch_size=4", "train.max_steps=3", "train.warmup_ratio=0",
         "train.logging_steps=1", "lr=5e-3", "diagnostics.grad_cosine_points=1", "diagnostics.probe_pairs=8",
         "eval.bootstrap=50"]
-# What a process reports of itself, not of the results: the store's accounting and how many reference
-# log-probs this process computed rather than read from the shared cache.
+# What a process reports of itself, not of the results: the store's accounting, how many reference
+# log-probs this process computed rather than read from the shared cache, and the behaviour block's wall
+# times (a taken stage's are those of the job that trained it).
 PROCESS_KEYS = ("stage_store", "reference_forwards")
+BEHAVIOUR_PROCESS_KEYS = ("time",)
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +49,20 @@ def _sources(matrix):
     return [row["source"] for row in matrix["stage_store"]["stages"]]
 
 
+def _results(job):
+    """matrix.json without what the process reports of itself."""
+    matrix = {k: v for k, v in json.loads((job / "matrix.json").read_text()).items() if k not in PROCESS_KEYS}
+    if "behaviour" in matrix:
+        matrix["behaviour"] = {k: v for k, v in matrix["behaviour"].items() if k not in BEHAVIOUR_PROCESS_KEYS}
+    return matrix
+
+
 def _assert_same_outputs(shared, alone, stages):
     assert (shared / "pairs.parquet").read_bytes() == (alone / "pairs.parquet").read_bytes()
     for k in range(1, stages + 1):
         for f in ("adapter/adapter_model.safetensors", "pairs.parquet", "diagnostics.json"):
             assert (shared / f"stage_{k}" / f).read_bytes() == (alone / f"stage_{k}" / f).read_bytes(), (k, f)
-    a, b = (json.loads((d / "matrix.json").read_text()) for d in (shared, alone))
-    assert {k: v for k, v in a.items() if k not in PROCESS_KEYS} == {k: v for k, v in b.items() if k not in PROCESS_KEYS}
+    assert _results(shared) == _results(alone)
     assert (shared / "diagnostics.json").read_bytes() == (alone / "diagnostics.json").read_bytes()
 
 
@@ -124,3 +135,34 @@ def test_two_concurrent_jobs_of_a_sweep_train_their_shared_stage_1_once(tmp_path
     assert f"seqdpo sweep {sweep}: 2 job(s): 2 done; 3 stage(s) trained, 1 taken from the stage store" in proc.stdout
     line = next(x for x in proc.stdout.splitlines() if waiter.name in x)
     assert f"(from the stage store: stage 1 = {matrices[0]['stage_store']['stages'][0]['signature']}; trained: 2)" in line
+
+
+# Stage 1's generation and scoring as tests/test_behaviour.py's resumed job does them, kept tiny
+GENERATE = ["eval.generate=true", "scorer=implicit", "eval.generation.prompts=4", "eval.generation.samples=2",
+            "eval.generation.greedy=true", "eval.generation.max_new_tokens=16"]
+NO_DIAGNOSTICS = ["diagnostics.grad_cosine=false", "diagnostics.likelihood=false"]
+
+
+def test_a_taken_stage_brings_its_generations_and_the_behaviour_evaluation_ends_as_alone(root):
+    _, first_matrix = _job(root, "a_gen", "order=a", *GENERATE, *NO_DIAGNOSTICS)
+    assert _sources(first_matrix) == ["trained"]
+    shared, matrix = _job(root, "ab_gen", "order=ab", *GENERATE, *NO_DIAGNOSTICS)
+    assert _sources(matrix) == ["store", "trained"]
+    alone, _ = _job(root, "ab_gen_alone", "order=ab", *GENERATE, *NO_DIAGNOSTICS, "stage_store=false")
+    _assert_same_outputs(shared, alone, 2)
+    for k in range(3):
+        for f in ("generations.parquet", "scores.parquet", "guards.parquet"):
+            assert (shared / f"stage_{k}" / f).read_bytes() == (alone / f"stage_{k}" / f).read_bytes(), (k, f)
+    assert matrix["behaviour"]["stages"] == ["base", "polite", "factual"]
+
+
+def test_sdpo_stage_2_references_a_taken_stage_1_as_alone(root):
+    """reference=previous: stage 2's reference log-probs come from the model after stage 1, here the one
+    taken from the store."""
+    _, first_matrix = _job(root, "a_sdpo", "order=a", "reference=previous", *NO_DIAGNOSTICS)
+    assert _sources(first_matrix) == ["trained"]
+    shared, matrix = _job(root, "ab_sdpo", "order=ab", "reference=previous", *NO_DIAGNOSTICS)
+    assert _sources(matrix) == ["store", "trained"]
+    alone, _ = _job(root, "ab_sdpo_alone", "order=ab", "reference=previous", *NO_DIAGNOSTICS, "stage_store=false")
+    _assert_same_outputs(shared, alone, 2)
+    assert (shared / "stage_2" / "train_reference.npz").read_bytes() == (alone / "stage_2" / "train_reference.npz").read_bytes()
