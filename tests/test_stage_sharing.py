@@ -28,6 +28,10 @@ TINY = ["dataset.n_train=8", "dataset.n_eval=4", "train.batch_size=4", "train.ma
 # times (a taken stage's are those of the job that trained it).
 PROCESS_KEYS = ("stage_store", "reference_forwards")
 BEHAVIOUR_PROCESS_KEYS = ("time",)
+# Generation and scoring as tests/test_behaviour.py's resumed job has them, fewer prompts and tokens
+GENERATE = ["eval.generate=true", "scorer=implicit", "eval.generation.prompts=4", "eval.generation.samples=2",
+            "eval.generation.greedy=true", "eval.generation.max_new_tokens=16"]
+NO_DIAGNOSTICS = ["diagnostics.grad_cosine=false", "diagnostics.likelihood=false"]
 
 
 @pytest.fixture(scope="module")
@@ -135,12 +139,6 @@ def test_two_concurrent_jobs_of_a_sweep_train_their_shared_stage_1_once(tmp_path
     assert f"seqdpo sweep {sweep}: 2 job(s): 2 done; 3 stage(s) trained, 1 taken from the stage store" in proc.stdout
     line = next(x for x in proc.stdout.splitlines() if waiter.name in x)
     assert f"(from the stage store: stage 1 = {matrices[0]['stage_store']['stages'][0]['signature']}; trained: 2)" in line
-
-
-# Stage 1's generation and scoring as tests/test_behaviour.py's resumed job does them, kept tiny
-GENERATE = ["eval.generate=true", "scorer=implicit", "eval.generation.prompts=4", "eval.generation.samples=2",
-            "eval.generation.greedy=true", "eval.generation.max_new_tokens=16"]
-NO_DIAGNOSTICS = ["diagnostics.grad_cosine=false", "diagnostics.likelihood=false"]
 
 
 def test_a_taken_stage_brings_its_generations_and_the_behaviour_evaluation_ends_as_alone(root):
