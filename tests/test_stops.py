@@ -165,13 +165,15 @@ def stops(tmp_path_factory):
     seen["done_matrix"] = json.loads((job / "matrix.json").read_text())
 
     # 6. stage 2 is to be redone (its directory removed) and the rerun, as a one-job sweep, fails in it:
-    # a file stands where the stage's checkpoint folder goes.
+    # a file stands where the stage's checkpoint folder goes. Without the stage store: run 4 published stage 2
+    # there, and the rerun would copy it instead of training into the blocked folder.
     import shutil
 
     shutil.rmtree(job / "stage_2")
     (job / "stage_2").mkdir()
     (job / "stage_2" / "checkpoints").write_text("not a folder")
-    sweep = seqdpo_cmd(*args, "logger=none", f"hydra.sweep.dir={root}", f"hydra.sweep.subdir={job.name}", multirun=True)
+    sweep = seqdpo_cmd(*args, "logger=none", "stage_store=false", f"hydra.sweep.dir={root}", f"hydra.sweep.subdir={job.name}",
+                       multirun=True)
     seen["failed"] = run(sweep, cwd=root, env=env, timeout=600)
     seen["failed_report"] = load_job(job, root)
     return root, job, seen

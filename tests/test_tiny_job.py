@@ -45,9 +45,11 @@ def test_tiny_job_runs_reports_done_and_resumes(tmp_path):
     assert _done_times(out) == before
     assert json.loads((out / "status.json").read_text())["state"] == "done"
 
-    # A job that stopped after stage 1 resumes at stage 2: stages 0 and 1 are reloaded, stage 2 is redone.
+    # A job that stopped after stage 1 resumes at stage 2: stages 0 and 1 are reloaded, stage 2 is redone,
+    # here by a copy from the stage store, which the first run published it to.
     (out / "stage_2" / "DONE").unlink()
     again = run_job(cfg, str(out))
+    assert [row["source"] for row in again["stage_store"]["stages"]] == ["trained", "store"]
     after = _done_times(out)
     assert (after[0], after[1]) == (before[0], before[1]) and after[2] != before[2]
     np.testing.assert_allclose(again["metrics"]["margin_mean"], margins, atol=1e-5)
